@@ -1,0 +1,349 @@
+"""Resolved configuration: the one place where Hugging Face and sentence-transformers quirks become
+plain values. Everything "auto" is decided here, before the frozen objects exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from winnow.errors import ConfigError, ModelLoadError
+from winnow.layers.pooling import Activation, PoolerSpec
+from winnow.models.registry import ModelEntry
+from winnow.params import PoolerConfig, PoolingTask, PoolingType
+
+logger = logging.getLogger(__name__)
+
+# Active-task priority when the user does not choose one (vLLM 0.33 §1.3).
+_TASK_PRIORITY: tuple[PoolingTask, ...] = ("embed", "classify", "token_embed", "token_classify")
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": PoolingType.CLS,
+    "pooling_mode_mean_tokens": PoolingType.MEAN,
+    "pooling_mode_lasttoken": PoolingType.LAST,
+}
+_ST_POOLING_NAMES = {"cls": PoolingType.CLS, "mean": PoolingType.MEAN, "lasttoken": PoolingType.LAST}
+_ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+HFOverrides = Mapping[str, Any] | Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class SentenceTransformersInfo:
+    """What a sentence-transformers folder says about pooling, normalisation and input handling."""
+
+    pooling: PoolingType | None = None
+    normalize: bool | None = None  # None: the folder has no modules.json
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+
+    @staticmethod
+    def read(folder: Path) -> SentenceTransformersInfo:
+        bert_cfg = _read_json(folder / "sentence_bert_config.json") or {}
+        modules = _read_json(folder / "modules.json")
+        pooling, normalize = None, None
+        if isinstance(modules, list):
+            types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+            unsupported = [t for t in types if t not in _ST_SUPPORTED_MODULES]
+            if unsupported:
+                raise ModelLoadError(
+                    f"modules.json uses sentence-transformers modules winnow does not run yet: {unsupported}."
+                )
+            if "Pooling" in types:
+                path = modules[types.index("Pooling")].get("path", "")
+                pooling = _st_pooling_mode(_read_json(folder / path / "config.json") or {})
+                normalize = "Normalize" in types
+        max_len = bert_cfg.get("max_seq_length")
+        return SentenceTransformersInfo(
+            pooling=pooling,
+            normalize=normalize,
+            max_seq_length=int(max_len) if max_len else None,
+            do_lower_case=bool(bert_cfg.get("do_lower_case", False)),
+        )
+
+
+def _st_pooling_mode(cfg: Mapping[str, Any]) -> PoolingType:
+    if isinstance(cfg.get("pooling_mode"), str):
+        name = cfg["pooling_mode"].lower()
+        if name in _ST_POOLING_NAMES:
+            return _ST_POOLING_NAMES[name]
+        raise ModelLoadError(f"sentence-transformers pooling_mode {name!r} is not supported (cls, mean, lasttoken).")
+    chosen = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
+    others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING_KEYS]
+    if len(chosen) != 1 or others:
+        raise ModelLoadError(
+            f"sentence-transformers pooling {sorted(k for k, v in cfg.items() if v is True)} is not supported: "
+            "winnow pools with exactly one of cls, mean or lasttoken."
+        )
+    return chosen[0]
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_hf_config(path: Path, *, overrides: HFOverrides | None, trust_remote_code: bool) -> Any:
+    """Read config.json with transformers and apply ``hf_overrides`` before anything looks at it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"Could not read {path / 'config.json'}: {type(e).__name__}: {e}") from e
+    if overrides is None:
+        return config
+    if callable(overrides):
+        return overrides(config)
+    values = dict(overrides)
+    # num_labels first: transformers rebuilds id2label from it; an explicit id2label then wins.
+    if "num_labels" in values:
+        config.num_labels = int(values.pop("num_labels"))
+    if "id2label" in values:
+        config.id2label = {int(k): v for k, v in dict(values.pop("id2label")).items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    for key, value in values.items():
+        setattr(config, key, value)
+    return config
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was requested but no CUDA GPU is available; use device='cpu'.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported; use auto, cpu or cuda.")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (half precision has no hardware support there: ~100x slower matmuls);
+    on GPU the checkpoint's half dtype, and float32 checkpoints run in bfloat16 (fp16 if unsupported)."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        saved = _DTYPES.get(str(saved).replace("torch.", "")) if saved is not None else None
+        if saved in (torch.float16, torch.bfloat16):
+            return saved
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ConfigError(f"dtype={dtype!r} is not supported; use auto, float32, float16 or bfloat16.")
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"dtype={resolved} is not supported; use float32, float16 or bfloat16.")
+    if device.type == "cpu" and resolved != torch.float32:
+        logger.warning("dtype=%s on CPU: without half-precision hardware this is far slower than float32.", resolved)
+    return resolved
+
+
+def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:
+    value = getattr(hf_config, "head_dtype", None)
+    if value is None:
+        return torch.float32
+    if value == "model":
+        return dtype
+    if value in _DTYPES:
+        return _DTYPES[value]
+    raise ConfigError(f"head_dtype={value!r} is not supported; use model, float32, float16 or bfloat16.")
+
+
+def resolve_activation(hf_config: Any) -> Activation:
+    """Classifier activation, chosen from problem_type, then a sentence-transformers config (spec §3.3)."""
+    problem = getattr(hf_config, "problem_type", None)
+    if problem == "regression":
+        return Activation("identity")
+    if problem == "single_label_classification":
+        return Activation("classify")
+    if problem == "multi_label_classification":
+        return Activation("sigmoid")
+    st = getattr(hf_config, "sentence_transformers", None)
+    path = st.get("activation_fn") if isinstance(st, Mapping) else None
+    path = path or getattr(hf_config, "sbert_ce_default_activation_function", None)
+    if path:
+        return Activation.from_st_path(str(path))
+    return Activation("classify")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A loaded model's resolved facts. Built by ``ModelConfig.create``; never mutated."""
+
+    model: str  # what the user passed (hub id or path)
+    path: Path  # the local folder
+    hf_config: Any  # transformers PretrainedConfig, with hf_overrides applied
+    entry: ModelEntry
+    dtype: torch.dtype
+    max_model_len: int
+    supported_tasks: tuple[PoolingTask, ...]
+    task: PoolingTask  # the active pooling task
+    pooler: PoolerSpec
+    num_labels: int
+    id2label: dict[int, str]
+    vocab_size: int
+    do_lower_case: bool
+    use_sep_token: bool
+    is_matryoshka: bool
+    hidden_size: int
+    tokenizer_gives_token_types: bool  # the tokenizer returns token_type_ids (the fallback passes them on)
+    trust_remote_code: bool = False
+
+    @property
+    def architecture(self) -> str:
+        return self.entry.architecture
+
+    @property
+    def score_type(self) -> str | None:
+        """cross-encoder (1-label classifier), bi-encoder (embed), late-interaction (token_embed) or None."""
+        if self.task == "classify" and self.num_labels == 1:
+            return "cross-encoder"
+        if self.task == "embed":
+            return "bi-encoder"
+        if self.task == "token_embed":
+            return "late-interaction"
+        return None
+
+    @staticmethod
+    def create(
+        model: str,
+        path: Path,
+        hf_config: Any,
+        entry: ModelEntry,
+        *,
+        pooler_config: PoolerConfig | None,
+        dtype: str | torch.dtype,
+        device: torch.device,
+        max_model_len: int | None,
+        tokenizer_max_length: int | None,
+        tokenizer_vocab_size: int,
+        tokenizer_input_names: tuple[str, ...] = ("input_ids", "attention_mask"),
+        trust_remote_code: bool = False,
+    ) -> ModelConfig:
+        pc = pooler_config or PoolerConfig()
+        st = SentenceTransformersInfo.read(path)
+        supported = _supported_tasks(entry)
+        task = _active_task(pc.task, supported, entry.architecture)
+        resolved_dtype = resolve_dtype(dtype, hf_config, device)
+
+        if not entry.is_native and entry.kind == "sequence_classifier" and pc.seq_pooling_type is not None:
+            raise ConfigError(
+                f"{entry.architecture} runs through transformers, which pools inside the model; "
+                "seq_pooling_type cannot be changed for it."
+            )
+        if pc.tok_pooling_type is PoolingType.STEP and pc.step_tag_id is None and not pc.returned_token_ids:
+            logger.warning("STEP pooling without step_tag_id or returned_token_ids keeps every token.")
+        # Embedding models take sentence-transformers' Normalize module as their default; classifiers
+        # apply their activation unless told otherwise.
+        default_act = pc.use_activation
+        if default_act is None:
+            default_act = st.normalize if (entry.kind == "encoder" and st.normalize is not None) else True
+        spec = PoolerSpec(
+            seq_pooling=pc.seq_pooling_type or st.pooling or entry.default_seq_pooling,
+            tok_pooling=pc.tok_pooling_type or PoolingType.ALL,
+            activation=resolve_activation(hf_config),
+            use_activation=default_act,
+            logit_mean=pc.logit_mean if pc.logit_mean is not None else getattr(hf_config, "logit_mean", None),
+            logit_sigma=pc.logit_sigma if pc.logit_sigma is not None else getattr(hf_config, "logit_sigma", None),
+            step_tag_id=pc.step_tag_id,
+            returned_token_ids=pc.returned_token_ids,
+            head_dtype=_resolve_head_dtype(hf_config, resolved_dtype),
+        )
+        num_labels = int(getattr(hf_config, "num_labels", 0) or 0) if entry.kind != "encoder" else 0
+        id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+        return ModelConfig(
+            model=model,
+            path=path,
+            hf_config=hf_config,
+            entry=entry,
+            dtype=resolved_dtype,
+            max_model_len=_max_model_len(entry, hf_config, tokenizer_max_length, st, max_model_len),
+            supported_tasks=supported,
+            task=task,
+            pooler=spec,
+            num_labels=num_labels,
+            id2label=id2label if num_labels else {},
+            vocab_size=int(getattr(hf_config, "vocab_size", 0) or tokenizer_vocab_size),
+            do_lower_case=st.do_lower_case,
+            use_sep_token=bool(getattr(hf_config, "use_sep_token", getattr(hf_config, "use_pad_token", True))),
+            is_matryoshka=bool(
+                getattr(hf_config, "is_matryoshka", False) or getattr(hf_config, "matryoshka_dimensions", None)
+            ),
+            hidden_size=int(getattr(hf_config, "hidden_size", None) or getattr(hf_config, "dim", None) or 0),
+            tokenizer_gives_token_types="token_type_ids" in tokenizer_input_names,
+            trust_remote_code=trust_remote_code,
+        )
+
+
+def _supported_tasks(entry: ModelEntry) -> tuple[PoolingTask, ...]:
+    if entry.kind == "encoder":
+        return ("embed", "token_embed")
+    if entry.kind == "token_classifier":
+        return ("token_classify",)
+    # A native sequence classifier also applies its classifier per token; the fallback cannot.
+    return ("classify", "token_classify") if entry.is_native else ("classify",)
+
+
+def _active_task(requested: PoolingTask | None, supported: tuple[PoolingTask, ...], arch: str) -> PoolingTask:
+    if requested is not None:
+        if requested not in supported:
+            raise ConfigError(f"Unsupported task: {requested!r} Supported tasks: {supported}")
+        return requested
+    if "token_classify" in supported and "ForTokenClassification" in arch:
+        return "token_classify"
+    return next(t for t in _TASK_PRIORITY if t in supported)
+
+
+def _max_model_len(
+    entry: ModelEntry,
+    hf_config: Any,
+    tokenizer_max_length: int | None,
+    st: SentenceTransformersInfo,
+    requested: int | None,
+) -> int:
+    """min(position limit, tokenizer limit), then sentence-transformers max_seq_length, then the user's value."""
+    if entry.is_native:
+        positions = int(entry.load_class().max_positions(hf_config))
+    else:
+        positions = int(
+            getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None) or 0
+        )
+    limit = positions or tokenizer_max_length or 512
+    if tokenizer_max_length and tokenizer_max_length < 1_000_000:
+        limit = min(limit, tokenizer_max_length)
+    if st.max_seq_length:
+        limit = min(st.max_seq_length, positions) if positions else st.max_seq_length
+    if requested is None:
+        return limit
+    ceiling = positions or limit
+    if requested < 1 or requested > ceiling:
+        raise ConfigError(
+            f"max_model_len={requested} is outside [1, {ceiling}], the most this model's position embeddings allow."
+        )
+    return requested

@@ -1,0 +1,159 @@
+"""From user options to a running engine: resolve the model, load config, tokenizer and weights.
+
+``EngineArgs`` holds what the user typed (``LLM(...)`` keywords or ``winnow serve`` flags);
+``build_engine`` turns it into an ``Engine``: the frozen ``EngineConfig``, the ``InputProcessor``
+that tokenizes for this model, and the ``EngineCore`` that batches and runs requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from winnow.config import HFOverrides, ModelConfig, load_hf_config, resolve_device
+from winnow.engine.engine_core import EngineCore, StepStats
+from winnow.engine.scheduler import Scheduler
+from winnow.errors import ConfigError
+from winnow.inputs.prompts import InputProcessor
+from winnow.inputs.scoring import load_template
+from winnow.inputs.tokenizer import TokenizerGroup, load_hf_tokenizer
+from winnow.models.files import check_model_folder, resolve_model_path
+from winnow.models.registry import resolve_architecture
+from winnow.params import PoolerConfig
+from winnow.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Token budget per forward pass. On CPU, batches beyond a few thousand tokens stop gaining
+# throughput and only add latency (see benchmarks/); GPUs need far larger batches to fill.
+_CPU_BATCHED_TOKENS, _GPU_BATCHED_TOKENS = 4096, 16384
+_CPU_MAX_SEQS, _GPU_MAX_SEQS = 128, 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineArgs:
+    model: str
+    runner: str = "auto"
+    convert: str = "auto"
+    pooler_config: PoolerConfig | dict[str, Any] | None = None
+    hf_overrides: HFOverrides | None = None
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    device: str = "auto"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    device: torch.device
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    chat_template: str | None  # default score template (cross-encoders)
+    seed: int
+
+
+@dataclass(frozen=True)
+class Engine:
+    config: EngineConfig
+    inputs: InputProcessor
+    core: EngineCore
+
+
+def build_engine(args: EngineArgs, *, on_step: Callable[[StepStats], None] | None = None) -> Engine:
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    path = resolve_model_path(args.model, revision=args.revision)
+    check_model_folder(path)
+    hf_config = load_hf_config(path, overrides=args.hf_overrides, trust_remote_code=args.trust_remote_code)
+    entry = resolve_architecture(
+        list(getattr(hf_config, "architectures", None) or []),
+        model_type=getattr(hf_config, "model_type", None),
+        runner=args.runner,
+        convert=args.convert,
+    )
+    hf_tokenizer = load_hf_tokenizer(
+        args.tokenizer or path, trust_remote_code=args.trust_remote_code, revision=args.revision
+    )
+    tokenizers = TokenizerGroup(hf_tokenizer)
+    pooler_config = (
+        PoolerConfig.from_dict(args.pooler_config) if isinstance(args.pooler_config, dict) else args.pooler_config
+    )
+    model_config = ModelConfig.create(
+        args.model,
+        path,
+        hf_config,
+        entry,
+        pooler_config=pooler_config,
+        dtype=args.dtype,
+        device=device,
+        max_model_len=args.max_model_len,
+        tokenizer_max_length=getattr(hf_tokenizer, "model_max_length", None),
+        tokenizer_vocab_size=tokenizers.vocab_size,
+        tokenizer_input_names=tuple(getattr(hf_tokenizer, "model_input_names", ())),
+        trust_remote_code=args.trust_remote_code,
+    )
+    config = EngineConfig(
+        model=model_config,
+        device=device,
+        max_num_batched_tokens=_batched_tokens(args.max_num_batched_tokens, model_config.max_model_len, device),
+        max_num_seqs=_positive(args.max_num_seqs, "max_num_seqs")
+        or (_GPU_MAX_SEQS if device.type == "cuda" else _CPU_MAX_SEQS),
+        chat_template=load_template(args.chat_template),
+        seed=args.seed,
+    )
+    runner = ModelRunner(model_config, device)
+    scheduler = Scheduler(
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        padded_cost=runner.pads_dense_layers,
+    )
+    inputs = InputProcessor(
+        tokenizers,
+        max_model_len=model_config.max_model_len,
+        vocab_size=model_config.vocab_size,
+        lower_case=model_config.do_lower_case,
+    )
+    logger.info(
+        "Loaded %s (%s, %s) for task %s on %s in %s, max_model_len=%d, in %.1fs",
+        args.model,
+        entry.architecture,
+        "native" if entry.is_native else "transformers fallback",
+        model_config.task,
+        device,
+        str(model_config.dtype).replace("torch.", ""),
+        model_config.max_model_len,
+        time.perf_counter() - started,
+    )
+    return Engine(config, inputs, EngineCore(scheduler, runner, on_step=on_step))
+
+
+def _positive(value: int | None, name: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _batched_tokens(requested: int | None, max_model_len: int, device: torch.device) -> int:
+    # Encoders cannot split a prompt across steps, so one step must hold the longest prompt.
+    if _positive(requested, "max_num_batched_tokens") is not None:
+        assert requested is not None
+        if requested < max_model_len:
+            raise ConfigError(
+                f"max_num_batched_tokens={requested} is smaller than max_model_len={max_model_len}; a prompt "
+                "must fit in one batch. Raise max_num_batched_tokens or lower max_model_len."
+            )
+        return requested
+    default = _GPU_BATCHED_TOKENS if device.type == "cuda" else _CPU_BATCHED_TOKENS
+    return max(default, max_model_len)

@@ -1,0 +1,64 @@
+"""The engine core: requests -> scheduler -> model runner -> outputs. Synchronous and single-threaded;
+``AsyncEngine`` drives it from a background thread for the server, ``LLM`` calls ``step`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from winnow.engine.request import Request
+from winnow.engine.scheduler import Scheduler
+from winnow.runner.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did, for metrics and progress bars."""
+
+    num_seqs: int
+    num_tokens: int
+    max_seqlen: int
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of attention's padded grid that is padding (dense layers never see padding)."""
+        grid = self.num_seqs * self.max_seqlen
+        return 1.0 - self.num_tokens / grid if grid else 0.0
+
+
+class EngineCore:
+    def __init__(
+        self, scheduler: Scheduler, runner: ModelRunner, *, on_step: Callable[[StepStats], None] | None = None
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.on_step = on_step  # observer for metrics; called after every executed batch
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def abort_requests(self, request_ids: set[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_waiting > 0
+
+    def schedule(self) -> list[Request]:
+        return self.scheduler.schedule()
+
+    def execute(self, requests: list[Request]) -> list[torch.Tensor]:
+        outputs = self.runner.execute(requests)
+        if self.on_step is not None:
+            lens = [r.num_tokens for r in requests]
+            self.on_step(StepStats(len(lens), sum(lens), max(lens)))
+        return outputs
+
+    def step(self) -> list[tuple[Request, torch.Tensor]]:
+        """Schedule one batch, run it, return (request, output) for every request in it."""
+        requests = self.schedule()
+        if not requests:
+            return []
+        return list(zip(requests, self.execute(requests)))

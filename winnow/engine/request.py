@@ -1,0 +1,20 @@
+"""A request as the engine sees it: token ids plus the pooling parameters bound to one task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from winnow.inputs.prompts import TokenizedPrompt
+from winnow.params import PoolingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt: TokenizedPrompt
+    params: PoolingParams  # params.task is always set
+    arrival_time: float = 0.0  # time.monotonic() at submission; the scheduler serves older first
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt.token_ids)

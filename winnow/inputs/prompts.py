@@ -1,0 +1,190 @@
+"""Prompts -> token ids: parsing, tokenization options, truncation and length checks.
+
+Everything a user can get wrong about a prompt is caught here, before any request reaches the
+engine, so a bad prompt never produces a partial answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import Encoding
+
+from winnow.errors import InvalidInputError, PromptTooLongError
+from winnow.inputs.tokenizer import TextOrPair, TokenizerGroup
+
+logger = logging.getLogger(__name__)
+
+# A parsed prompt: text to tokenize, or token ids used as they are.
+Prompt = str | list[int]
+
+_KNOWN_TOKENIZATION_KWARGS = frozenset(
+    {"truncate_prompt_tokens", "truncation_side", "add_special_tokens", "max_length", "truncation", "padding"}
+)
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None  # None when every type id is 0
+
+
+@dataclass(frozen=True)
+class TruncationOptions:
+    """Resolved tokenization options of one call."""
+
+    max_tokens: int | None = None  # keep at most this many tokens (special tokens included); None: refuse long
+    side: str = "right"  # which end truncation removes tokens from
+    add_special_tokens: bool = True
+
+
+def parse_prompts(prompts: Any) -> list[Prompt]:
+    """Accept str, {"prompt": str}, {"prompt_token_ids": [int]} or a list of those."""
+    items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+    if not items:
+        raise InvalidInputError("You must pass at least one prompt", param="input")
+    return [_parse_one(item, i) for i, item in enumerate(items)]
+
+
+def _parse_one(item: Any, index: int) -> Prompt:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping):
+        if "prompt_token_ids" in item:
+            ids = item["prompt_token_ids"]
+            if isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                return list(ids)
+        elif isinstance(item.get("prompt"), str):
+            return str(item["prompt"])
+    raise InvalidInputError(
+        f"Prompt {index} has an unsupported form ({type(item).__name__}); pass a str, "
+        '{"prompt": str} or {"prompt_token_ids": [int, ...]}.',
+        param="input",
+    )
+
+
+def parse_truncation(
+    kwargs: Mapping[str, Any] | None, *, max_model_len: int, truncate_prompt_tokens: int | None = None
+) -> TruncationOptions:
+    """Read ``tokenization_kwargs`` (vLLM names, plus HF-style max_length/truncation)."""
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - _KNOWN_TOKENIZATION_KWARGS)
+    if unknown:
+        logger.warning("Ignoring unknown tokenization_kwargs %s", unknown)
+    if kwargs.get("padding") not in (None, False, "do_not_pad", "longest"):
+        logger.warning("Ignoring padding=%r: winnow never pads prompts (results would change).", kwargs["padding"])
+
+    k = kwargs.get("truncate_prompt_tokens", truncate_prompt_tokens)
+    if k is None and kwargs.get("truncation") not in (None, False, "do_not_truncate"):
+        k = kwargs.get("max_length", -1)
+    side = kwargs.get("truncation_side") or "right"
+    if side not in ("left", "right"):
+        raise InvalidInputError(f"truncation_side must be 'left' or 'right', got {side!r}.", param="truncation_side")
+    add_special = kwargs.get("add_special_tokens", True)
+    if not isinstance(add_special, bool):
+        raise InvalidInputError("add_special_tokens must be true or false.", param="add_special_tokens")
+    return TruncationOptions(
+        max_tokens=resolve_truncate_tokens(k, max_model_len), side=side, add_special_tokens=add_special
+    )
+
+
+def resolve_truncate_tokens(k: Any, max_model_len: int) -> int | None:
+    """``truncate_prompt_tokens``: None = off, -1 = max_model_len, else 1..max_model_len."""
+    if k is None:
+        return None
+    if not isinstance(k, int) or isinstance(k, bool) or k < -1 or k == 0:
+        raise InvalidInputError(
+            f"truncate_prompt_tokens must be -1 (= max_model_len) or a positive integer, got {k!r}.",
+            param="truncate_prompt_tokens",
+        )
+    if k > max_model_len:
+        raise InvalidInputError(
+            f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({max_model_len}). "
+            "Please request a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    return max_model_len if k == -1 else k
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts for one model."""
+
+    def __init__(self, tokenizers: TokenizerGroup, *, max_model_len: int, vocab_size: int, lower_case: bool) -> None:
+        self.tokenizers = tokenizers
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.lower_case = lower_case  # sentence-transformers do_lower_case
+
+    def process(self, prompts: Sequence[Prompt], options: TruncationOptions) -> list[TokenizedPrompt]:
+        """Tokenize texts (in one batch) and take token-id prompts as given; validate every result."""
+        results: list[TokenizedPrompt | None] = [None] * len(prompts)
+        text_rows = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InvalidInputError(f"Prompt {i} is empty; pass at least one character or token.", param="input")
+            if isinstance(p, list):
+                results[i] = TokenizedPrompt(_truncate_ids(p, options))
+        texts: list[TextOrPair] = [self._text(prompts[i]) for i in text_rows]  # type: ignore[arg-type]
+        for i, enc in zip(text_rows, self.encode(texts, options)):
+            results[i] = _to_prompt(enc)
+        checked = [r for r in results if r is not None]
+        for i, r in enumerate(checked):
+            self.check(r, i, truncated=options.max_tokens is not None)
+        return checked
+
+    def encode(self, inputs: Sequence[TextOrPair], options: TruncationOptions) -> list[Encoding]:
+        """Tokenize texts or pairs. Without truncation, work is bounded at max_model_len + 1 tokens."""
+        pair = bool(inputs) and isinstance(inputs[0], tuple)
+        limit = options.max_tokens
+        if limit is not None and options.add_special_tokens:
+            specials = self.tokenizers.num_special_tokens(pair=pair)
+            if limit <= specials:
+                raise InvalidInputError(
+                    f"truncate_prompt_tokens={limit} leaves no room for text: the tokenizer adds {specials} "
+                    "special tokens. Please request a larger truncation size.",
+                    param="truncate_prompt_tokens",
+                )
+        side = options.side if limit is not None else "right"
+        return self.tokenizers.encode(
+            inputs,
+            add_special_tokens=options.add_special_tokens,
+            max_length=limit if limit is not None else self.max_model_len + 1,
+            side=side,
+        )
+
+    def check(self, prompt: TokenizedPrompt, index: int, *, truncated: bool) -> None:
+        n = len(prompt.token_ids)
+        if n == 0:
+            raise InvalidInputError(f"Prompt {index} has no tokens after tokenization.", param="input")
+        if n > self.max_model_len:
+            at_least = "" if truncated else "at least "
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"(index {index}) contains {at_least}{n} input tokens. Please reduce the length of the input prompt "
+                f"or set truncate_prompt_tokens. (parameter=input_tokens, value={n})",
+                param="input",
+            )
+        bad = next((t for t in prompt.token_ids if t < 0 or t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidInputError(
+                f"Prompt {index} contains token id {bad}, outside this model's vocabulary [0, {self.vocab_size}).",
+                param="input",
+            )
+
+    def _text(self, text: str) -> str:
+        return text.lower() if self.lower_case else text
+
+
+def _truncate_ids(ids: list[int], options: TruncationOptions) -> list[int]:
+    k = options.max_tokens
+    if k is None or len(ids) <= k:
+        return list(ids)
+    return ids[-k:] if options.side == "left" else ids[:k]
+
+
+def _to_prompt(enc: Encoding) -> TokenizedPrompt:
+    types = enc.type_ids
+    return TokenizedPrompt(list(enc.ids), list(types) if any(types) else None)

@@ -1,0 +1,208 @@
+"""The pooler: hidden states -> per-request outputs. The one place that knows head semantics.
+
+For each request (vLLM 0.33, spec §3):
+
+    p   = POOL(H)                     CLS / LAST / MEAN (sequence) or ALL / STEP (token)
+    p   = cast(p, head_dtype)         float32 by default
+    z   = HEAD(p)                     the model's classifier (classify tasks) or nothing (embed tasks)
+    z   = (z - logit_mean) / logit_sigma          classify tasks, when set
+    out = ACT(z) if use_activation else z         classify: activation; embed: L2 normalisation
+
+Requests of different tasks may share a batch; each is pooled its own way. Models provide
+``classify_head(pooled)`` and ``token_head(hidden)``; a model whose forward already returns one
+row per sequence (the transformers fallback) sets ``returns_pooled``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from winnow.errors import ModelLoadError
+from winnow.params import EMBED_TASKS, TOKEN_TASKS, PoolingParams, PoolingType
+from winnow.runner.batch import Batch
+
+_ST_MODULE_PREFIX = "torch.nn.modules."
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A classifier activation chosen once per model (spec §3.3).
+
+    ``classify``: sigmoid for one output column, softmax over columns otherwise.
+    ``identity``: raw values. ``sigmoid``: element-wise. ``module``: a ``torch.nn.modules`` class.
+    """
+
+    kind: str  # "classify" | "sigmoid" | "identity" | "module"
+    module_path: str | None = None
+
+    @staticmethod
+    def from_st_path(path: str) -> Activation:
+        """Map a sentence-transformers ``activation_fn`` class path; only torch.nn.modules is allowed."""
+        if not path.startswith(_ST_MODULE_PREFIX):
+            raise ModelLoadError(
+                f"activation_fn {path!r} is refused: it is restricted to torch.nn.modules for security reasons."
+            )
+        name = path.rsplit(".", 1)[-1]
+        if name == "Identity":
+            return Activation("identity")
+        if name in ("Sigmoid", "Softmax"):
+            return Activation("classify")
+        return Activation("module", path)
+
+    def build(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.kind == "identity":
+            return _identity
+        if self.kind == "sigmoid":
+            return torch.sigmoid
+        if self.kind == "classify":
+            return _classify_rule
+        assert self.module_path is not None
+        module_name, _, class_name = self.module_path.rpartition(".")
+        try:
+            module_cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            raise ModelLoadError(f"activation_fn {self.module_path!r} does not exist in torch.") from e
+        fn: Callable[[torch.Tensor], torch.Tensor] = module_cls()
+        return fn
+
+
+def _identity(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+def _classify_rule(z: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(z) if z.shape[-1] < 2 else torch.softmax(z, dim=-1)
+
+
+@dataclass(frozen=True)
+class PoolerSpec:
+    """Everything the pooler needs from the model config, resolved once at load time."""
+
+    seq_pooling: PoolingType
+    tok_pooling: PoolingType
+    activation: Activation
+    use_activation: bool  # default when a request leaves use_activation unset
+    logit_mean: float | None
+    logit_sigma: float | None
+    step_tag_id: int | None
+    returned_token_ids: tuple[int, ...] | None
+    head_dtype: torch.dtype
+
+
+class Pooler:
+    """Turns a batch's hidden states into one CPU float32 tensor per request."""
+
+    def __init__(self, spec: PoolerSpec, model: torch.nn.Module) -> None:
+        self.spec = spec
+        self.act = spec.activation.build()
+        self.classify_head: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, "classify_head", None)
+        self.token_head: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, "token_head", None)
+        self.returns_pooled = bool(getattr(model, "returns_pooled", False))
+
+    def __call__(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
+        """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One output per sequence."""
+        results: list[torch.Tensor | None] = [None] * batch.num_seqs
+        seq_rows = [i for i, p in enumerate(params) if p.task not in TOKEN_TASKS]
+        tok_rows = [i for i, p in enumerate(params) if p.task in TOKEN_TASKS]
+        if seq_rows:
+            pooled = hidden if self.returns_pooled else self._pool_sequences(hidden, batch)  # [num_seqs, H]
+            index = torch.tensor(seq_rows, device=hidden.device)
+            out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows])
+            for row, value in zip(seq_rows, out.float().cpu()):
+                results[row] = self._truncate_embedding(value, params[row])
+        if tok_rows:
+            tokens, lens = self._select_tokens(hidden, batch, tok_rows)
+            out = self._finish(tokens, [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])])
+            ids = batch.input_ids.cpu() if self.spec.tok_pooling is PoolingType.STEP else None
+            for row, value in zip(tok_rows, out.float().cpu().split(lens)):
+                value = self._truncate_embedding(value, params[row])
+                results[row] = self._step_filter(value, params[row], batch, row, ids)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    # -- pooling ------------------------------------------------------------------------------
+
+    def _pool_sequences(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        kind = self.spec.seq_pooling
+        if kind is PoolingType.CLS:
+            return hidden.index_select(0, batch.first_token_index)  # [num_seqs, H]
+        if kind is PoolingType.LAST:
+            return hidden.index_select(0, batch.last_token_index)
+        # MEAN over every prompt token (special tokens included), accumulated in float32.
+        seq_ids = torch.repeat_interleave(
+            torch.arange(batch.num_seqs, device=hidden.device),
+            torch.tensor(batch.seq_lens, device=hidden.device),
+            output_size=batch.num_tokens,
+        )
+        sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)
+        sums.index_add_(0, seq_ids, hidden.float())
+        lens = torch.tensor(batch.seq_lens, device=hidden.device, dtype=torch.float32)
+        return sums / lens[:, None]
+
+    def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+        lens = [batch.seq_lens[i] for i in rows]
+        if len(rows) == batch.num_seqs:
+            return hidden, lens
+        starts = [int(s) for s in batch.cu_seqlens[:-1].tolist()]
+        index = torch.cat([torch.arange(starts[i], starts[i] + batch.seq_lens[i]) for i in rows])
+        return hidden.index_select(0, index.to(hidden.device)), lens  # [sum(lens), H]
+
+    # -- heads --------------------------------------------------------------------------------
+
+    def _finish(self, x: torch.Tensor, params: list[PoolingParams]) -> torch.Tensor:
+        """Apply head, calibration and activation to rows ``x`` [n, H]; ``params`` has one entry per row."""
+        x = x.to(self.spec.head_dtype)
+        use_act = [self.spec.use_activation if p.use_activation is None else p.use_activation for p in params]
+        if params[0].task in EMBED_TASKS:
+            return self._embed(x, params, use_act)
+        if not self.returns_pooled:
+            head = self.token_head if params[0].task in TOKEN_TASKS else self.classify_head
+            assert head is not None, "the registry only assigns classify tasks to models with a head"
+            x = head(x)  # [n, num_labels]
+        if self.spec.logit_mean is not None:
+            x = x - self.spec.logit_mean
+        if self.spec.logit_sigma is not None:
+            x = x / self.spec.logit_sigma
+        return _select_rows(self.act(x), x, use_act)
+
+    def _embed(self, x: torch.Tensor, params: list[PoolingParams], use_act: list[bool]) -> torch.Tensor:
+        if any(p.dimensions is not None for p in params):
+            return x  # Matryoshka: truncated, then normalised, per request in _truncate_embedding
+        return _select_rows(F.normalize(x, p=2, dim=-1), x, use_act)
+
+    def _truncate_embedding(self, value: torch.Tensor, params: PoolingParams) -> torch.Tensor:
+        """Matryoshka truncation ([.., dim] -> [.., dimensions]), then the L2 normalisation it deferred."""
+        if params.task not in EMBED_TASKS or params.dimensions is None:
+            return value
+        value = value[..., : params.dimensions]
+        use_act = self.spec.use_activation if params.use_activation is None else params.use_activation
+        return F.normalize(value, p=2, dim=-1) if use_act else value
+
+    def _step_filter(
+        self, value: torch.Tensor, params: PoolingParams, batch: Batch, row: int, ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        if ids is None:
+            return value
+        tag = params.step_tag_id if params.step_tag_id is not None else self.spec.step_tag_id
+        cols = params.returned_token_ids if params.returned_token_ids is not None else self.spec.returned_token_ids
+        if cols:
+            value = value[:, list(cols)]
+        if tag is not None:
+            start = int(batch.cu_seqlens[row])
+            prompt = ids[start : start + batch.seq_lens[row]]
+            value = value[prompt == tag]
+        return value
+
+
+def _select_rows(activated: torch.Tensor, raw: torch.Tensor, use_act: list[bool]) -> torch.Tensor:
+    if all(use_act):
+        return activated
+    if not any(use_act):
+        return raw
+    mask = torch.tensor(use_act, device=raw.device).view(-1, *([1] * (raw.ndim - 1)))
+    return torch.where(mask, activated, raw)

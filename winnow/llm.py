@@ -1,0 +1,444 @@
+"""The offline API, shaped like vLLM's ``LLM``: ``classify``, ``score``, ``encode``, ``embed``.
+
+Prompts are tokenized and validated up front (a bad prompt fails the whole call before any work),
+then submitted to the engine core, which batches them by length under the token budget.
+Outputs come back in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from winnow.engine.builder import EngineArgs, build_engine
+from winnow.engine.request import Request
+from winnow.errors import InvalidInputError, UnsupportedTaskError
+from winnow.inputs.prompts import TokenizedPrompt, parse_prompts, parse_truncation
+from winnow.inputs.scoring import (
+    check_side_limit,
+    cross_encoder_prompts,
+    load_template,
+    pair_up,
+    parse_score_side,
+)
+from winnow.models.files import DEFAULT_MODEL
+from winnow.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, check_task
+
+logger = logging.getLogger(__name__)
+
+# vLLM engine options that mean nothing for winnow; accepted so vLLM code runs unchanged.
+_IGNORED_VLLM_ARGS = frozenset(
+    {
+        "enforce_eager",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "tokenizer_mode",
+        "disable_log_stats",
+        "swap_space",
+        "kv_cache_dtype",
+    }
+)
+# Legacy `task=` values (before runner/convert existed) -> (convert, active pooling task).
+_LEGACY_TASKS: dict[str, tuple[str, PoolingTask | None]] = {
+    "classify": ("auto", "classify"),
+    "score": ("auto", "classify"),
+    "embed": ("embed", "embed"),
+    "reward": ("auto", "token_classify"),
+    "auto": ("auto", None),
+}
+
+UseTqdm = bool | Callable[..., tqdm]
+
+
+class LLM:
+    """Load a classification, reranking or embedding model and run it offline.
+
+    >>> llm = LLM("cross-encoder/ms-marco-MiniLM-L-6-v2")
+    >>> llm.score("What is the capital of France?", ["Paris is the capital.", "Horses are animals."])
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        runner: str = "auto",
+        convert: str = "auto",
+        pooler_config: PoolerConfig | dict[str, Any] | None = None,
+        hf_overrides: dict[str, Any] | Callable[[Any], Any] | None = None,
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        device: str = "auto",
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_num_seqs: int | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        legacy_pooler = kwargs.pop("override_pooler_config", None)
+        if legacy_pooler is not None:
+            warnings.warn("override_pooler_config is deprecated; use pooler_config.", DeprecationWarning, stacklevel=2)
+            pooler_config = pooler_config or legacy_pooler
+        legacy_task = kwargs.pop("task", None)
+        if legacy_task is not None:
+            convert, pooler_config = _apply_legacy_task(legacy_task, convert, pooler_config)
+        unknown = sorted(set(kwargs) - _IGNORED_VLLM_ARGS)
+        if unknown:
+            raise TypeError(f"LLM() got unexpected keyword arguments {unknown}")
+        if kwargs:
+            logger.info("Ignoring vLLM options that do not apply to winnow: %s", sorted(kwargs))
+        self.engine = build_engine(
+            EngineArgs(
+                model=model,
+                runner=runner,
+                convert=convert,
+                pooler_config=pooler_config,
+                hf_overrides=hf_overrides,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                device=device,
+                tokenizer=tokenizer,
+                chat_template=chat_template,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+                seed=seed,
+            )
+        )
+        self.model_config = self.engine.config.model
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.inputs.tokenizers.hf_tokenizer
+
+    # -- public methods ------------------------------------------------------------------------
+
+    def encode(
+        self,
+        prompts: Any,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: UseTqdm = True,
+        lora_request: Any = None,
+        pooling_task: str | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """Run ``pooling_task`` on each prompt; ``outputs.data`` is the raw output tensor."""
+        if pooling_task is None:
+            raise InvalidInputError(
+                "pooling_task required for `LLM.encode`. Use LLM.classify / LLM.embed / LLM.score, or set "
+                "pooling_task to one of: classify, token_classify, embed, token_embed."
+            )
+        task = check_task(pooling_task, param="pooling_task")
+        self._check_task(task)
+        _reject_lora(lora_request)
+        parsed = parse_prompts(prompts)
+        params = self._bind_params(pooling_params, task, len(parsed))
+        truncation = parse_truncation(
+            tokenization_kwargs,
+            max_model_len=self.model_config.max_model_len,
+            truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
+        )
+        tokenized = self.engine.inputs.process(parsed, truncation)
+        ids, data = self._run(tokenized, params, use_tqdm)
+        return [PoolingRequestOutput(rid, PoolingOutput(out), p.token_ids) for rid, out, p in zip(ids, data, tokenized)]
+
+    def classify(
+        self,
+        prompts: Any,
+        *,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: UseTqdm = True,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (``outputs.probs``, ``outputs.num_classes``)."""
+        results = self.encode(
+            prompts,
+            pooling_params,
+            use_tqdm=use_tqdm,
+            lora_request=lora_request,
+            pooling_task="classify",
+            tokenization_kwargs=tokenization_kwargs,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+        )
+        return [_with_outputs(r, ClassificationOutput.from_base(r.outputs)) for r in results]
+
+    def embed(
+        self,
+        prompts: Any,
+        *,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: UseTqdm = True,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (``outputs.embedding``), L2-normalised unless told otherwise."""
+        results = self.encode(
+            prompts,
+            pooling_params,
+            use_tqdm=use_tqdm,
+            lora_request=lora_request,
+            pooling_task="embed",
+            tokenization_kwargs=tokenization_kwargs,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+        )
+        return [_with_outputs(r, EmbeddingOutput.from_base(r.outputs)) for r in results]
+
+    def reward(
+        self,
+        prompts: Any,
+        /,
+        *,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: UseTqdm = True,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """Legacy alias of ``encode(..., pooling_task="token_classify")``."""
+        warnings.warn(
+            '`LLM.reward` is deprecated; use `LLM.encode(..., pooling_task="token_classify")`.',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.encode(
+            prompts,
+            pooling_params,
+            use_tqdm=use_tqdm,
+            lora_request=lora_request,
+            pooling_task="token_classify",
+            tokenization_kwargs=tokenization_kwargs,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+        )
+
+    def score(
+        self,
+        data_1: Any,
+        data_2: Any,
+        /,
+        *,
+        use_tqdm: UseTqdm = True,
+        pooling_params: PoolingParams | None = None,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """Relevance of each (query, document) pair: 1:1, 1:N or N:N. Results follow ``data_2``'s order."""
+        score_type = self.model_config.score_type
+        if score_type is None:
+            if self.model_config.task == "classify":
+                raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
+            raise UnsupportedTaskError("This model does not support the Scoring API.")
+        _reject_lora(lora_request)
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise InvalidInputError("score takes one PoolingParams object, not a list.", param="pooling_params")
+        params = pooling_params or PoolingParams()
+        pairs = pair_up(parse_score_side(data_1, "data_1"), parse_score_side(data_2, "data_2"))
+        truncation = parse_truncation(
+            tokenization_kwargs,
+            max_model_len=self.model_config.max_model_len,
+            truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
+        )
+        extra = dict(params.extra_kwargs or {})
+        params = dataclasses.replace(params, extra_kwargs=None)
+        if score_type == "cross-encoder":
+            return self._cross_encode(pairs, params, truncation, extra, chat_template, chat_template_kwargs, use_tqdm)
+        if chat_template is not None:
+            raise InvalidInputError("chat_template is only supported for cross-encoder models.")
+        return self._bi_encode(pairs, params, truncation, late=score_type == "late-interaction", use_tqdm=use_tqdm)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _cross_encode(
+        self,
+        pairs: list[tuple[str, str]],
+        params: PoolingParams,
+        truncation: Any,
+        extra: dict[str, Any],
+        chat_template: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+        use_tqdm: UseTqdm,
+    ) -> list[ScoringRequestOutput]:
+        max_len = self.model_config.max_model_len
+        tokenized = cross_encoder_prompts(
+            self.engine.inputs,
+            pairs,
+            truncation,
+            max_tokens_per_query=check_side_limit(
+                extra.get("max_tokens_per_query", 0), "max_tokens_per_query", max_len
+            ),
+            max_tokens_per_doc=check_side_limit(extra.get("max_tokens_per_doc", 0), "max_tokens_per_doc", max_len),
+            template=load_template(chat_template) or self.engine.config.chat_template,
+            template_kwargs=chat_template_kwargs,
+            use_sep_token=self.model_config.use_sep_token,
+        )
+        bound = self._bind_params(params, "classify", len(tokenized))
+        ids, data = self._run(tokenized, bound, use_tqdm)
+        return [
+            PoolingRequestOutput(rid, ScoringOutput.from_base(PoolingOutput(out)), p.token_ids)
+            for rid, out, p in zip(ids, data, tokenized)
+        ]
+
+    def _bi_encode(
+        self,
+        pairs: list[tuple[str, str]],
+        params: PoolingParams,
+        truncation: Any,
+        *,
+        late: bool,
+        use_tqdm: UseTqdm,
+    ) -> list[ScoringRequestOutput]:
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each distinct text embedded once
+        task: PoolingTask = "token_embed" if late else "embed"
+        tokenized = self.engine.inputs.process(texts, truncation)
+        ids, data = self._run(tokenized, self._bind_params(params, task, len(texts)), use_tqdm)
+        by_text = {t: (rid, out, p) for t, rid, out, p in zip(texts, ids, data, tokenized)}
+        pad = self.get_tokenizer().pad_token_id or 0
+        results = []
+        for q, d in pairs:
+            (qid, eq, pq), (did, ed, pd) = by_text[q], by_text[d]
+            score = _maxsim(eq, ed) if late else F.cosine_similarity(eq.float(), ed.float(), dim=0)
+            results.append(
+                PoolingRequestOutput(f"{qid}_{did}", ScoringOutput(float(score)), [*pq.token_ids, pad, *pd.token_ids])
+            )
+        return results
+
+    def _check_task(self, task: PoolingTask) -> None:
+        supported = self.model_config.supported_tasks
+        if task in EMBED_TASKS and not EMBED_TASKS & set(supported):
+            raise UnsupportedTaskError(
+                "Embedding API is not supported by this model. Try converting the model using `--convert embed`."
+            )
+        if task in CLASSIFY_TASKS and not CLASSIFY_TASKS & set(supported):
+            raise UnsupportedTaskError(
+                "Classification API is not supported by this model. "
+                "Try converting the model using `--convert classify`."
+            )
+        if task not in supported:
+            raise UnsupportedTaskError(f"Unsupported task: {task!r} Supported tasks: {supported}")
+        if task != self.model_config.task:
+            raise UnsupportedTaskError(
+                f'Try switching the model\'s pooling_task via `PoolerConfig(task="{task}")`; '
+                f"this instance serves {self.model_config.task!r}."
+            )
+
+    def _bind_params(
+        self, given: PoolingParams | Sequence[PoolingParams] | None, task: PoolingTask, n: int
+    ) -> list[PoolingParams]:
+        if given is None or isinstance(given, PoolingParams):
+            items = [given or PoolingParams()] * n
+        else:
+            items = list(given)
+            if len(items) != n:
+                raise InvalidInputError(f"The lengths of prompts ({n}) and params ({len(items)}) must be the same.")
+        step = self.model_config.pooler.tok_pooling.value == "STEP"
+        for p in dict.fromkeys(items):  # validate each distinct object once
+            p.check_for_task(task, step_pooling=step)
+            if p.dimensions is not None:
+                self._check_dimensions(p.dimensions)
+        bound = {id(p): p.with_task(task) for p in items}
+        return [bound[id(p)] for p in items]
+
+    def _check_dimensions(self, dimensions: int) -> None:
+        if not self.model_config.is_matryoshka:
+            raise InvalidInputError(
+                "Model does not support matryoshka representation, changing output dimensions will lead to "
+                "poor results.",
+                param="dimensions",
+            )
+        if dimensions > self.model_config.hidden_size:
+            raise InvalidInputError(
+                f"dimensions={dimensions} exceeds the embedding size {self.model_config.hidden_size}.",
+                param="dimensions",
+            )
+
+    def _run(
+        self, prompts: list[TokenizedPrompt], params: list[PoolingParams], use_tqdm: UseTqdm
+    ) -> tuple[list[str], list[torch.Tensor]]:
+        """Submit every prompt, step the engine until all finish; outputs in submission order."""
+        core = self.engine.core
+        request_ids = [str(next(self._request_counter)) for _ in prompts]
+        for rid, prompt, p in zip(request_ids, prompts, params):
+            core.add_request(Request(rid, prompt, p))
+        results: dict[str, torch.Tensor] = {}
+        bar_class = use_tqdm if callable(use_tqdm) else tqdm
+        with bar_class(
+            total=len(prompts), desc="Processed prompts", unit="prompt", disable=use_tqdm is False, delay=1.0
+        ) as bar:
+            try:
+                while core.has_unfinished():
+                    finished = core.step()
+                    for request, output in finished:
+                        results[request.request_id] = output
+                    bar.update(len(finished))
+            except BaseException:
+                core.abort_requests(set(request_ids))
+                raise
+        return request_ids, [results[rid] for rid in request_ids]
+
+
+def _with_outputs(result: PoolingRequestOutput[Any], outputs: Any) -> PoolingRequestOutput[Any]:
+    return PoolingRequestOutput(result.request_id, outputs, result.prompt_token_ids)
+
+
+def _maxsim(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Late interaction: sum over query tokens of the best-matching document token. q: [m, k], d: [n, k]."""
+    return (q.float() @ d.float().T).max(dim=1).values.sum()
+
+
+def _reject_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise InvalidInputError("LoRA adapters are not supported by winnow yet; pass lora_request=None.")
+
+
+def _legacy_truncate(value: int | None) -> int | None:
+    if value is not None:
+        warnings.warn(
+            "truncate_prompt_tokens= as a keyword is deprecated; pass tokenization_kwargs="
+            '{"truncate_prompt_tokens": k}.',
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return value
+
+
+def _apply_legacy_task(
+    task: str, convert: str, pooler_config: PoolerConfig | dict[str, Any] | None
+) -> tuple[str, PoolerConfig | dict[str, Any] | None]:
+    if task not in _LEGACY_TASKS:
+        raise InvalidInputError(f"task={task!r} is not a pooling task; use runner/convert and PoolerConfig(task=...).")
+    warnings.warn("LLM(task=...) is deprecated; use convert= and pooler_config.", DeprecationWarning, stacklevel=3)
+    legacy_convert, active = _LEGACY_TASKS[task]
+    if pooler_config is None and active is not None and task in ("reward",):
+        pooler_config = PoolerConfig(task=active)
+    return (legacy_convert if convert == "auto" else convert), pooler_config

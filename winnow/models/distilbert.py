@@ -1,0 +1,148 @@
+"""DistilBERT with its classification heads (reference: transformers' ``modeling_distilbert.py``).
+
+Same post-norm block as BERT under different names (q_lin/k_lin/v_lin/out_lin, sa_layer_norm,
+ffn.lin1/lin2, output_layer_norm), no token types, layer-norm epsilon fixed at 1e-12.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from winnow.errors import ModelLoadError
+from winnow.layers.activation import get_activation, is_supported_activation
+from winnow.layers.attention import packed_attention
+from winnow.runner.batch import Batch
+
+_LN_EPS = 1e-12
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
+        self.LayerNorm = nn.LayerNorm(config.dim, eps=_LN_EPS)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x = self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.positions)  # [T, dim]
+        return self.LayerNorm(x)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv_proj = nn.Linear(config.dim, 3 * config.dim)  # q_lin, k_lin, v_lin fused
+        self.out_lin = nn.Linear(config.dim, config.dim)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.out_lin(packed_attention(self.qkv_proj(x), batch, self.n_heads))
+
+
+class FFN(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(config.dim, config.hidden_dim)
+        self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.act = get_activation(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(config)
+        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=_LN_EPS)
+        self.ffn = FFN(config)
+        self.output_layer_norm = nn.LayerNorm(config.dim, eps=_LN_EPS)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        x = self.sa_layer_norm(self.attention(x, batch) + x)  # [T, dim]
+        return self.output_layer_norm(self.ffn(x) + x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, batch)
+        return x
+
+
+class DistilBertModel(nn.Module):
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_lin": ("qkv_proj", 0),
+        "k_lin": ("qkv_proj", 1),
+        "v_lin": ("qkv_proj", 2),
+    }
+    base_model_prefix: ClassVar[str] = "distilbert"
+    ignored_weights: ClassVar[tuple[str, ...]] = (
+        "pre_classifier.",
+        "classifier.",
+        "vocab_transform.",
+        "vocab_layer_norm.",
+        "vocab_projector.",
+    )
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if not is_supported_activation(config.activation):
+            raise ModelLoadError(f"activation={config.activation!r} is not supported natively.")
+        self.embeddings = Embeddings(config)
+        self.transformer = Transformer(config)
+
+    @classmethod
+    def max_positions(cls, config: Any) -> int:
+        return int(config.max_position_embeddings)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.transformer(self.embeddings(batch), batch)
+
+
+class _DistilBertClassifier(nn.Module):
+    packed_modules = DistilBertModel.packed_modules
+    ignored_weights: ClassVar[tuple[str, ...]] = ()
+    max_positions = DistilBertModel.max_positions
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.distilbert = DistilBertModel(config)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.distilbert(batch)
+
+
+class DistilBertForSequenceClassification(_DistilBertClassifier):
+    head_prefixes: ClassVar[tuple[str, ...]] = ("pre_classifier", "classifier")
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
+
+    def classify_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.pre_classifier(pooled)))
+
+    def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The whole sentence head applied per token, as vLLM does for RoBERTa-style heads.
+        return self.classify_head(hidden)
+
+
+class DistilBertForTokenClassification(_DistilBertClassifier):
+    head_prefixes: ClassVar[tuple[str, ...]] = ("classifier",)
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
+
+    def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)

@@ -1,0 +1,127 @@
+"""The model registry: Hugging Face architecture name -> the class that runs it.
+
+Native classes are imported lazily by module name. Any other ``*ForSequenceClassification``,
+``*ForTokenClassification`` or bare ``*Model`` encoder runs through transformers' own classes
+(``hf_fallback.py``), which is correct but slower; ``resolve_architecture`` logs that once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from winnow.errors import ConfigError, ModelLoadError
+from winnow.params import PoolingType
+
+logger = logging.getLogger(__name__)
+
+ModelKind = Literal["sequence_classifier", "token_classifier", "encoder"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the engine needs to know about an architecture before building it."""
+
+    architecture: str  # the HF architecture name as written in config.json
+    module: str  # module under winnow.models holding the class
+    class_name: str
+    kind: ModelKind
+    default_seq_pooling: PoolingType
+    is_native: bool = True
+
+    def load_class(self) -> type[Any]:
+        module = importlib.import_module(f"winnow.models.{self.module}")
+        cls: type[Any] = getattr(module, self.class_name)
+        return cls
+
+
+_SEQ: ModelKind = "sequence_classifier"
+_TOK: ModelKind = "token_classifier"
+_ENC: ModelKind = "encoder"
+
+# BERT-family encoders pool the first token ([CLS] / <s>) by default (vLLM 0.33).
+_NATIVE: dict[str, tuple[str, ModelKind]] = {
+    "BertForSequenceClassification": ("bert", _SEQ),
+    "BertForTokenClassification": ("bert", _TOK),
+    "BertModel": ("bert", _ENC),
+    "RobertaForSequenceClassification": ("bert", _SEQ),
+    "RobertaForTokenClassification": ("bert", _TOK),
+    "RobertaModel": ("bert", _ENC),
+    "XLMRobertaForSequenceClassification": ("bert", _SEQ),
+    "XLMRobertaForTokenClassification": ("bert", _TOK),
+    "XLMRobertaModel": ("bert", _ENC),
+    "ElectraForSequenceClassification": ("bert", _SEQ),
+    "ElectraForTokenClassification": ("bert", _TOK),
+    "ElectraModel": ("bert", _ENC),
+    "DistilBertForSequenceClassification": ("distilbert", _SEQ),
+    "DistilBertForTokenClassification": ("distilbert", _TOK),
+    "DistilBertModel": ("distilbert", _ENC),
+}
+
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "ChatModel", "LMHeadModel")
+
+
+def native_architectures() -> list[str]:
+    return sorted(_NATIVE)
+
+
+def resolve_architecture(
+    architectures: list[str], *, model_type: str | None = None, runner: str = "auto", convert: str = "auto"
+) -> ModelEntry:
+    """Pick the class for a config's ``architectures`` list, honouring ``runner`` and ``convert``."""
+    if runner not in ("auto", "pooling"):
+        raise ConfigError(
+            f"runner={runner!r} is not supported: winnow runs pooling models only (classify, score, embed)."
+        )
+    if convert not in ("auto", "none", "classify", "embed"):
+        raise ConfigError(f"convert={convert!r} is not one of auto, none, classify, embed.")
+    if not architectures:
+        raise ModelLoadError("config.json lists no `architectures`; set it with hf_overrides={'architectures': [...]}.")
+    arch = architectures[0]
+
+    if arch in _NATIVE:
+        module, kind = _NATIVE[arch]
+        if convert == "embed" and kind != _ENC:
+            arch, kind = arch.split("For")[0] + "Model", _ENC
+        elif convert == "classify" and kind == _ENC:
+            raise ConfigError(
+                f"{arch} is a bare encoder with no classifier weights; convert='classify' needs a checkpoint "
+                "that carries a classification head."
+            )
+        return ModelEntry(arch, module, arch, kind, PoolingType.CLS)
+
+    if arch.endswith(_GENERATIVE_SUFFIXES):
+        raise ModelLoadError(
+            f"{arch} is a generative model. Converting it into a classifier (convert='classify') is not "
+            "supported yet; use a checkpoint with a sequence-classification head."
+        )
+    if convert == "embed" or arch.endswith("Model"):
+        kind = _ENC
+    elif arch.endswith("ForSequenceClassification"):
+        kind = _SEQ
+    elif arch.endswith("ForTokenClassification"):
+        kind = _TOK
+    else:
+        raise ModelLoadError(
+            f"Architecture {arch} is not supported. winnow runs *ForSequenceClassification, "
+            f"*ForTokenClassification and bare *Model encoders; natively: {', '.join(native_architectures())}."
+        )
+    logger.warning(
+        "%s has no native winnow implementation: running it through transformers' own classes (slow path).",
+        arch,
+    )
+    # A causal model's first token has seen only itself: decoders pool the last token, encoders the first.
+    pooling = PoolingType.LAST if _is_causal_only(model_type) else PoolingType.CLS
+    return ModelEntry(arch, "hf_fallback", "HFFallbackModel", kind, pooling, is_native=False)
+
+
+def _is_causal_only(model_type: str | None) -> bool:
+    """True for decoder-only model types (GPT-2, Llama...): causal LMs with no masked-LM variant."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

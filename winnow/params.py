@@ -1,0 +1,232 @@
+"""User-facing options: pooling tasks, ``PoolerConfig`` (per model) and ``PoolingParams`` (per request).
+
+Legacy spellings that older vLLM clients still send (``softmax``, ``activation``, ``normalize``,
+``logit_bias``, ``logit_scale``, ``pooling_task``) are translated here, once, at construction.
+Nothing downstream ever sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import InitVar, dataclass
+from enum import Enum
+from typing import Any, Literal, get_args
+
+from winnow.errors import ConfigError, InvalidInputError
+
+PoolingTask = Literal["classify", "token_classify", "embed", "token_embed"]
+POOLING_TASKS: tuple[PoolingTask, ...] = get_args(PoolingTask)
+TOKEN_TASKS: frozenset[str] = frozenset({"token_classify", "token_embed"})
+CLASSIFY_TASKS: frozenset[str] = frozenset({"classify", "token_classify"})
+EMBED_TASKS: frozenset[str] = frozenset({"embed", "token_embed"})
+
+# Which per-request parameters each task accepts (vLLM 0.33 semantics).
+_TASK_PARAMS: dict[str, tuple[str, ...]] = {
+    "classify": ("use_activation",),
+    "token_classify": ("use_activation",),
+    "embed": ("dimensions", "use_activation"),
+    "token_embed": ("dimensions", "use_activation"),
+}
+
+
+class PoolingType(str, Enum):
+    """How hidden states become the head's input. CLS/LAST/MEAN pool a sequence; ALL/STEP keep tokens."""
+
+    CLS = "CLS"
+    LAST = "LAST"
+    MEAN = "MEAN"
+    ALL = "ALL"
+    STEP = "STEP"
+
+    @property
+    def is_sequence(self) -> bool:
+        return self in (PoolingType.CLS, PoolingType.LAST, PoolingType.MEAN)
+
+
+def check_task(task: str, *, param: str = "task") -> PoolingTask:
+    """Validate a task name, rejecting the removed ``score``/``encode`` tasks with vLLM's advice."""
+    if task == "score":
+        raise InvalidInputError("`score` task was removed; use `classify` instead.", param=param)
+    if task == "encode":
+        raise InvalidInputError(
+            "`encode` task was removed; use `token_embed` or `token_classify` instead.", param=param
+        )
+    if task not in POOLING_TASKS:
+        raise InvalidInputError(
+            f"Unknown pooling task {task!r}; choose one of {', '.join(POOLING_TASKS)}.", param=param
+        )
+    return task
+
+
+def _parse_pooling_type(value: str | PoolingType | None, name: str) -> PoolingType | None:
+    if value is None or isinstance(value, PoolingType):
+        return value
+    try:
+        return PoolingType(str(value).upper())
+    except ValueError:
+        options = ", ".join(t.value for t in PoolingType)
+        raise ConfigError(f"{name}={value!r} is not a pooling type; choose one of {options}.") from None
+
+
+def _merge_alias(canonical: Any, aliases: dict[str, Any], canonical_name: str) -> Any:
+    """Return the canonical value, taking a legacy alias if only the alias was set."""
+    given = {name: value for name, value in aliases.items() if value is not None}
+    if not given:
+        return canonical
+    names = ", ".join(f"`{n}`" for n in given)
+    warnings.warn(
+        f"{names} is a legacy spelling of `{canonical_name}`; use `{canonical_name}` instead.",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    values = set(given.values()) | ({canonical} if canonical is not None else set())
+    if len(values) > 1:
+        raise ConfigError(f"Conflicting values for `{canonical_name}` and its legacy alias {names}.")
+    return next(iter(given.values()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolerConfig:
+    """Model-level pooling options (vLLM's ``PoolerConfig``). ``None`` means "use the model's default".
+
+    ``task`` selects the active pooling task; ``pooling_type`` fills ``seq_pooling_type`` or
+    ``tok_pooling_type`` depending on its granularity. ``logit_mean``/``logit_sigma`` calibrate
+    classifier logits as ``(z - mean) / sigma`` before the activation.
+    """
+
+    task: PoolingTask | None = None
+    pooling_type: PoolingType | None = None
+    seq_pooling_type: PoolingType | None = None
+    tok_pooling_type: PoolingType | None = None
+    use_activation: bool | None = None
+    logit_mean: float | None = None
+    logit_sigma: float | None = None
+    step_tag_id: int | None = None
+    returned_token_ids: tuple[int, ...] | None = None
+    dimensions: int | None = None
+    # Legacy spellings, translated in __post_init__.
+    softmax: InitVar[bool | None] = None
+    activation: InitVar[bool | None] = None
+    normalize: InitVar[bool | None] = None
+    logit_bias: InitVar[float | None] = None
+    logit_scale: InitVar[float | None] = None
+    pooling_task: InitVar[str | None] = None
+
+    def __post_init__(
+        self,
+        softmax: bool | None,
+        activation: bool | None,
+        normalize: bool | None,
+        logit_bias: float | None,
+        logit_scale: float | None,
+        pooling_task: str | None,
+    ) -> None:
+        # NOTE: object.__setattr__ only during construction, to fold legacy aliases into the
+        # canonical fields; the object is immutable once __init__ returns.
+        setattr_ = object.__setattr__
+        use_activation = _merge_alias(
+            self.use_activation,
+            {"softmax": softmax, "activation": activation, "normalize": normalize},
+            "use_activation",
+        )
+        setattr_(self, "use_activation", use_activation)
+        setattr_(self, "logit_mean", _merge_alias(self.logit_mean, {"logit_bias": logit_bias}, "logit_mean"))
+        if logit_scale is not None:
+            if logit_scale == 0:
+                raise ConfigError("logit_scale must not be 0.")
+            sigma = _merge_alias(self.logit_sigma, {"logit_scale": 1.0 / logit_scale}, "logit_sigma")
+            setattr_(self, "logit_sigma", sigma)
+        task = _merge_alias(self.task, {"pooling_task": pooling_task}, "task")
+        if task is not None:
+            try:
+                task = check_task(task)
+            except InvalidInputError as e:
+                raise ConfigError(str(e)) from None
+        setattr_(self, "task", task)
+        for name in ("pooling_type", "seq_pooling_type", "tok_pooling_type"):
+            setattr_(self, name, _parse_pooling_type(getattr(self, name), name))
+        if self.pooling_type is not None:
+            if self.seq_pooling_type is not None or self.tok_pooling_type is not None:
+                raise ConfigError("Set either `pooling_type` or `seq_pooling_type`/`tok_pooling_type`, not both.")
+            target = "seq_pooling_type" if self.pooling_type.is_sequence else "tok_pooling_type"
+            setattr_(self, target, self.pooling_type)
+        if self.seq_pooling_type is not None and not self.seq_pooling_type.is_sequence:
+            raise ConfigError(f"seq_pooling_type must be CLS, LAST or MEAN, not {self.seq_pooling_type.value}.")
+        if self.tok_pooling_type is not None and self.tok_pooling_type.is_sequence:
+            raise ConfigError(f"tok_pooling_type must be ALL or STEP, not {self.tok_pooling_type.value}.")
+        if self.logit_sigma is not None and self.logit_sigma == 0:
+            raise ConfigError("logit_sigma must not be 0.")
+        if self.returned_token_ids is not None:
+            setattr_(self, "returned_token_ids", tuple(self.returned_token_ids))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PoolerConfig:
+        """Build from JSON (CLI ``--pooler-config``), rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)} | {
+            "softmax",
+            "activation",
+            "normalize",
+            "logit_bias",
+            "logit_scale",
+            "pooling_task",
+        }
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown pooler config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolingParams:
+    """Per-request options (vLLM's ``PoolingParams``).
+
+    ``use_activation``: classify tasks apply softmax/sigmoid (see ``layers/pooling.py``), embed tasks
+    L2-normalise; ``None`` takes the model default. ``dimensions`` truncates Matryoshka embeddings.
+    ``extra_kwargs`` carries scoring options ``max_tokens_per_query`` / ``max_tokens_per_doc``.
+    """
+
+    use_activation: bool | None = None
+    dimensions: int | None = None
+    step_tag_id: int | None = None
+    returned_token_ids: list[int] | None = None
+    extra_kwargs: dict[str, Any] | None = None
+    task: PoolingTask | None = None
+    softmax: InitVar[bool | None] = None
+    activation: InitVar[bool | None] = None
+    normalize: InitVar[bool | None] = None
+
+    def __post_init__(self, softmax: bool | None, activation: bool | None, normalize: bool | None) -> None:
+        # NOTE: object.__setattr__ only during construction (legacy alias folding), as in PoolerConfig.
+        use_activation = _merge_alias(
+            self.use_activation,
+            {"softmax": softmax, "activation": activation, "normalize": normalize},
+            "use_activation",
+        )
+        object.__setattr__(self, "use_activation", use_activation)
+        if self.task is not None:
+            object.__setattr__(self, "task", check_task(self.task))
+        if self.dimensions is not None and self.dimensions < 1:
+            raise InvalidInputError(f"dimensions must be at least 1, got {self.dimensions}.", param="dimensions")
+
+    def set_fields(self) -> list[str]:
+        """Names of the task-specific parameters the user actually set."""
+        names = ("use_activation", "dimensions", "step_tag_id", "returned_token_ids")
+        return [n for n in names if getattr(self, n) is not None]
+
+    def with_task(self, task: PoolingTask) -> PoolingParams:
+        """A copy bound to ``task``; refuses to silently change a task the caller already set."""
+        if self.task is not None and self.task != task:
+            raise InvalidInputError(f"You cannot overwrite self.task={self.task!r} with task={task!r}!")
+        return dataclasses.replace(self, task=task)
+
+    def check_for_task(self, task: str, *, step_pooling: bool) -> None:
+        """Reject parameters that do not apply to ``task`` (vLLM's wording)."""
+        allowed = list(_TASK_PARAMS[task])
+        if step_pooling and task in TOKEN_TASKS:
+            allowed += ["step_tag_id", "returned_token_ids"]
+        bad = [n for n in self.set_fields() if n not in allowed]
+        if bad:
+            raise InvalidInputError(
+                f"Task {task!r} only supports {allowed} parameters, does not support {bad} parameters"
+            )
