@@ -1,0 +1,104 @@
+"""Prompt forms, tokenization options, outputs' bookkeeping and the progress bar."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from tests.tiny_models import PROMPTS
+from winnow import ClassificationOutput, PoolingParams
+
+
+@pytest.fixture
+def llm(make_model, make_llm):
+    return make_llm(make_model("bert", "seq", num_labels=3))
+
+
+def test_prompt_forms_are_equivalent(llm):
+    text = PROMPTS[1]
+    ids = llm.get_tokenizer()(text).input_ids
+    forms = [text, [text], {"prompt": text}, [{"prompt_token_ids": ids}]]
+    results = [llm.classify(f, use_tqdm=False)[0] for f in forms]
+    for r in results:
+        assert r.prompt_token_ids == ids
+        assert r.outputs.probs == pytest.approx(results[0].outputs.probs, abs=1e-6)
+
+
+def test_outputs_keep_input_order_and_carry_ids(llm):
+    out = llm.classify(PROMPTS, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    assert [o.prompt_token_ids for o in out] == [tok(p).input_ids for p in PROMPTS]
+    ids = [int(o.request_id) for o in out]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(isinstance(o.outputs, ClassificationOutput) and o.finished for o in out)
+
+
+def test_truncate_prompt_tokens(llm):
+    text = "hello world " * 40
+    tok = llm.get_tokenizer()
+    right = llm.classify(text, tokenization_kwargs={"truncate_prompt_tokens": 5}, use_tqdm=False)[0]
+    left = llm.classify(
+        text, tokenization_kwargs={"truncate_prompt_tokens": 5, "truncation_side": "left"}, use_tqdm=False
+    )[0]
+    full = tok(text).input_ids
+    assert right.prompt_token_ids == [full[0], *full[1:4], full[-1]]  # [CLS] first three words [SEP]
+    assert left.prompt_token_ids == [full[0], *full[-4:-1], full[-1]]
+    maxed = llm.classify(text * 3, tokenization_kwargs={"truncate_prompt_tokens": -1}, use_tqdm=False)[0]
+    assert len(maxed.prompt_token_ids) == llm.model_config.max_model_len
+
+
+def test_truncate_token_id_prompts(llm):
+    ids = list(range(10, 30))
+    out = llm.classify({"prompt_token_ids": ids}, tokenization_kwargs={"truncate_prompt_tokens": 6}, use_tqdm=False)
+    left = llm.classify(
+        {"prompt_token_ids": ids},
+        tokenization_kwargs={"truncate_prompt_tokens": 6, "truncation_side": "left"},
+        use_tqdm=False,
+    )
+    assert out[0].prompt_token_ids == ids[:6]
+    assert left[0].prompt_token_ids == ids[-6:]
+
+
+def test_legacy_truncate_keyword(llm):
+    with pytest.warns(DeprecationWarning, match="tokenization_kwargs"):
+        out = llm.classify("hello world " * 40, truncate_prompt_tokens=7, use_tqdm=False)
+    assert len(out[0].prompt_token_ids) == 7
+
+
+def test_hf_style_truncation_kwargs(llm):
+    out = llm.classify("hello world " * 40, tokenization_kwargs={"truncation": True, "max_length": 9}, use_tqdm=False)
+    assert len(out[0].prompt_token_ids) == 9
+
+
+def test_add_special_tokens_false(llm):
+    tok = llm.get_tokenizer()
+    out = llm.classify("hello world", tokenization_kwargs={"add_special_tokens": False}, use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok("hello world", add_special_tokens=False).input_ids
+
+
+def test_progress_bar_counts_every_prompt(llm):
+    seen: list[int] = []
+
+    class RecordingBar(tqdm):  # type: ignore[type-arg]
+        def update(self, n: float | None = 1) -> bool | None:
+            seen.append(int(n or 0))
+            return super().update(n)
+
+    prompts = PROMPTS * 4
+    llm.classify(prompts, use_tqdm=RecordingBar)
+    assert sum(seen) == len(prompts)
+
+
+def test_reward_is_a_legacy_alias_of_token_classify(make_model, make_llm):
+    llm = make_llm(make_model("bert", "tok", num_labels=2))
+    with pytest.warns(DeprecationWarning, match="reward"):
+        rewards = llm.reward(PROMPTS[:2], use_tqdm=False)
+    encoded = llm.encode(PROMPTS[:2], pooling_task="token_classify", use_tqdm=False)
+    for r, e in zip(rewards, encoded):
+        torch.testing.assert_close(r.outputs.data, e.outputs.data)
+
+
+def test_params_list_must_match_prompts(llm):
+    with pytest.raises(ValueError, match=r"The lengths of prompts \(2\) and params \(3\) must be the same"):
+        llm.classify(PROMPTS[:2], pooling_params=[PoolingParams()] * 3, use_tqdm=False)

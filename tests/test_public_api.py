@@ -1,0 +1,30 @@
+"""The public surface is deliberate: everything in __all__ exists and nothing else is exported by accident."""
+
+import winnow
+
+
+def test_exported_members():
+    public = {name for name in dir(winnow) if not name.startswith("_")}
+    submodules = {
+        "config",
+        "engine",
+        "errors",
+        "inputs",
+        "layers",
+        "llm",
+        "models",
+        "outputs",
+        "params",
+        "runner",
+    }
+    assert public - submodules == set(winnow.__all__) - {"__version__"}
+
+
+def test_errors_are_value_errors_where_users_cause_them():
+    for cls in (
+        winnow.InvalidInputError,
+        winnow.ConfigError,
+        winnow.ModelLoadError,
+        winnow.PromptTooLongError,
+    ):
+        assert issubclass(cls, ValueError)
