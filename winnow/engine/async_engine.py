@@ -10,6 +10,7 @@ The model runs on the loop thread only: the event loop is never blocked by model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import torch
 
 from winnow.engine.engine_core import EngineCore
 from winnow.engine.request import Request
-from winnow.errors import EngineDeadError, EngineOverloadedError
+from winnow.errors import EngineDeadError, EngineOverloadedError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,10 @@ _Pending = tuple["asyncio.Future[torch.Tensor]", asyncio.AbstractEventLoop]
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, *, max_waiting_requests: int | None = None) -> None:
+    def __init__(self, core: EngineCore, *, max_pending_requests: int | None = None) -> None:
         self.core = core
-        self.max_waiting_requests = max_waiting_requests
+        # Requests submitted and not yet answered (waiting or running); beyond it, run() refuses.
+        self.max_pending_requests = max_pending_requests
         self._cond = threading.Condition()
         self._pending: dict[str, _Pending] = {}
         self._stopping = False
@@ -47,13 +49,16 @@ class AsyncEngine:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self._thread.ident is None:  # never started: nothing will answer what was submitted
+            self._fail_pending(EngineDeadError("The engine was shut down before it started."))
 
     @property
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive() and not self._stopping
 
     @property
-    def num_waiting(self) -> int:
+    def num_pending(self) -> int:
+        """Requests submitted and not yet answered."""
         return len(self._pending)
 
     # -- submission ----------------------------------------------------------------------------
@@ -65,11 +70,14 @@ class AsyncEngine:
         with self._cond:
             if self._dead is not None or self._stopping:
                 raise EngineDeadError("The engine is shutting down or has stopped; no new requests are accepted.")
-            limit = self.max_waiting_requests
+            limit = self.max_pending_requests
             if limit is not None and len(self._pending) + len(requests) > limit:
                 raise EngineOverloadedError(
-                    f"The server is at capacity ({len(self._pending)} requests waiting, limit {limit}); retry later."
+                    f"The server is at capacity ({len(self._pending)} requests in flight, limit {limit}); retry later."
                 )
+            ids = [r.request_id for r in requests]
+            if len(set(ids)) != len(ids) or any(rid in self._pending for rid in ids):
+                raise InvalidInputError("Request ids must be unique among the requests in flight.")
             for request, future in zip(requests, futures):
                 self._pending[request.request_id] = (future, loop)
                 self.core.add_request(request)
@@ -99,13 +107,16 @@ class AsyncEngine:
                         return  # stopping and drained
                     batch = self.core.schedule()
                 self._execute(batch)
-        except BaseException as e:
+        except BaseException as e:  # a dead loop must fail every waiter, whatever killed it
             logger.exception("The engine loop stopped")
             self._dead = e
-            with self._cond:
-                pending, self._pending = self._pending, {}
-            for future, loop in pending.values():
-                loop.call_soon_threadsafe(_fail, future, EngineDeadError(f"The engine stopped: {e}"))
+            self._fail_pending(EngineDeadError(f"The engine stopped: {e}"))
+
+    def _fail_pending(self, error: BaseException) -> None:
+        with self._cond:
+            pending, self._pending = self._pending, {}
+        for future, loop in pending.values():
+            _hand_back(loop, future, error)
 
     def _execute(self, batch: list[Request]) -> None:
         try:
@@ -118,7 +129,15 @@ class AsyncEngine:
         for waiter, output in zip(waiters, outputs):
             if waiter is not None:  # None: the client went away while its request ran
                 future, loop = waiter
-                loop.call_soon_threadsafe(_resolve, future, output)
+                _hand_back(loop, future, output)
+
+
+def _hand_back(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[torch.Tensor], output: torch.Tensor | BaseException
+) -> None:
+    """Deliver a result on the client's own event loop; a client whose loop has closed is simply gone."""
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+        loop.call_soon_threadsafe(_resolve, future, output)
 
 
 def _resolve(future: asyncio.Future[torch.Tensor], output: torch.Tensor | BaseException) -> None:
@@ -128,8 +147,3 @@ def _resolve(future: asyncio.Future[torch.Tensor], output: torch.Tensor | BaseEx
         future.set_exception(output)
     else:
         future.set_result(output)
-
-
-def _fail(future: asyncio.Future[torch.Tensor], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
