@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from winnow.errors import ConfigError, ModelLoadError
+from winnow.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedTaskError
 from winnow.layers.pooling import Activation, PoolerSpec
 from winnow.models.registry import ModelEntry
-from winnow.params import PoolerConfig, PoolingTask, PoolingType
+from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, PoolingType
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,46 @@ class ModelConfig:
         if self.task == "token_embed":
             return "late-interaction"
         return None
+
+    def check_task(self, task: PoolingTask) -> None:
+        """Refuse a task this instance does not serve, with vLLM's advice on what to change."""
+        supported = self.supported_tasks
+        if task in EMBED_TASKS and not EMBED_TASKS & set(supported):
+            raise UnsupportedTaskError(
+                "Embedding API is not supported by this model. Try converting the model using `--convert embed`.",
+                param="task",
+            )
+        if task in CLASSIFY_TASKS and not CLASSIFY_TASKS & set(supported):
+            raise UnsupportedTaskError(
+                "Classification API is not supported by this model. "
+                "Try converting the model using `--convert classify`.",
+                param="task",
+            )
+        if task not in supported:
+            raise UnsupportedTaskError(f"Unsupported task: {task!r} Supported tasks: {supported}", param="task")
+        if task != self.task:
+            raise UnsupportedTaskError(
+                f'Try switching the model\'s pooling_task via `PoolerConfig(task="{task}")` '
+                f"(server: `--pooler-config.task {task}`); this instance serves {self.task!r}.",
+                param="task",
+            )
+
+    def bind_params(self, params: PoolingParams, task: PoolingTask) -> PoolingParams:
+        """Check that ``params`` apply to ``task`` on this model and return a copy bound to it."""
+        params.check_for_task(task, step_pooling=self.pooler.tok_pooling is PoolingType.STEP)
+        if params.dimensions is not None:
+            if not self.is_matryoshka:
+                raise InvalidInputError(
+                    "Model does not support matryoshka representation, changing output dimensions will lead to "
+                    "poor results.",
+                    param="dimensions",
+                )
+            if params.dimensions > self.hidden_size:
+                raise InvalidInputError(
+                    f"dimensions={params.dimensions} exceeds the embedding size {self.hidden_size}.",
+                    param="dimensions",
+                )
+        return params.with_task(task)
 
     @staticmethod
     def create(

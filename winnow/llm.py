@@ -7,7 +7,6 @@ Outputs come back in input order.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import warnings
@@ -15,20 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from winnow.engine.builder import EngineArgs, build_engine
 from winnow.engine.request import Request
-from winnow.errors import InvalidInputError, UnsupportedTaskError
+from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import TokenizedPrompt, parse_prompts, parse_truncation
-from winnow.inputs.scoring import (
-    check_side_limit,
-    cross_encoder_prompts,
-    load_template,
-    pair_up,
-    parse_score_side,
-)
+from winnow.inputs.scoring import load_template, parse_score_side, plan_scores
 from winnow.models.files import DEFAULT_MODEL
 from winnow.outputs import (
     ClassificationOutput,
@@ -40,7 +32,7 @@ from winnow.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, check_task
+from winnow.params import PoolerConfig, PoolingParams, PoolingTask, check_task
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +147,7 @@ class LLM:
                 "pooling_task to one of: classify, token_classify, embed, token_embed."
             )
         task = check_task(pooling_task, param="pooling_task")
-        self._check_task(task)
+        self.model_config.check_task(task)
         _reject_lora(lora_request)
         parsed = parse_prompts(prompts)
         params = self._bind_params(pooling_params, task, len(parsed))
@@ -254,133 +246,47 @@ class LLM:
         truncate_prompt_tokens: int | None = None,
     ) -> list[ScoringRequestOutput]:
         """Relevance of each (query, document) pair: 1:1, 1:N or N:N. Results follow ``data_2``'s order."""
-        score_type = self.model_config.score_type
-        if score_type is None:
-            if self.model_config.task == "classify":
-                raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
-            raise UnsupportedTaskError("This model does not support the Scoring API.")
         _reject_lora(lora_request)
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
             raise InvalidInputError("score takes one PoolingParams object, not a list.", param="pooling_params")
-        params = pooling_params or PoolingParams()
-        pairs = pair_up(parse_score_side(data_1, "data_1"), parse_score_side(data_2, "data_2"))
         truncation = parse_truncation(
             tokenization_kwargs,
             max_model_len=self.model_config.max_model_len,
             truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
         )
-        extra = dict(params.extra_kwargs or {})
-        params = dataclasses.replace(params, extra_kwargs=None)
-        if score_type == "cross-encoder":
-            return self._cross_encode(pairs, params, truncation, extra, chat_template, chat_template_kwargs, use_tqdm)
-        if chat_template is not None:
-            raise InvalidInputError("chat_template is only supported for cross-encoder models.")
-        return self._bi_encode(pairs, params, truncation, late=score_type == "late-interaction", use_tqdm=use_tqdm)
-
-    # -- internals -----------------------------------------------------------------------------
-
-    def _cross_encode(
-        self,
-        pairs: list[tuple[str, str]],
-        params: PoolingParams,
-        truncation: Any,
-        extra: dict[str, Any],
-        chat_template: str | None,
-        chat_template_kwargs: dict[str, Any] | None,
-        use_tqdm: UseTqdm,
-    ) -> list[ScoringRequestOutput]:
-        max_len = self.model_config.max_model_len
-        tokenized = cross_encoder_prompts(
+        plan = plan_scores(
             self.engine.inputs,
-            pairs,
-            truncation,
-            max_tokens_per_query=check_side_limit(
-                extra.get("max_tokens_per_query", 0), "max_tokens_per_query", max_len
-            ),
-            max_tokens_per_doc=check_side_limit(extra.get("max_tokens_per_doc", 0), "max_tokens_per_doc", max_len),
-            template=load_template(chat_template) or self.engine.config.chat_template,
+            self.model_config,
+            parse_score_side(data_1, "data_1"),
+            parse_score_side(data_2, "data_2"),
+            truncation=truncation,
+            params=pooling_params or PoolingParams(),
+            template=load_template(chat_template),
+            default_template=self.engine.config.chat_template,
             template_kwargs=chat_template_kwargs,
-            use_sep_token=self.model_config.use_sep_token,
+            pad_token_id=self.get_tokenizer().pad_token_id or 0,
         )
-        bound = self._bind_params(params, "classify", len(tokenized))
-        ids, data = self._run(tokenized, bound, use_tqdm)
+        ids, outputs = self._run(plan.prompts, [plan.params] * len(plan.prompts), use_tqdm)
+        scores = plan.scores(outputs)
+        pair_ids = ids if plan.pairs is None else [f"{ids[q]}_{ids[d]}" for q, d in plan.pairs]
         return [
-            PoolingRequestOutput(rid, ScoringOutput.from_base(PoolingOutput(out)), p.token_ids)
-            for rid, out, p in zip(ids, data, tokenized)
+            PoolingRequestOutput(rid, ScoringOutput(score), plan.pair_token_ids(i))
+            for i, (rid, score) in enumerate(zip(pair_ids, scores))
         ]
 
-    def _bi_encode(
-        self,
-        pairs: list[tuple[str, str]],
-        params: PoolingParams,
-        truncation: Any,
-        *,
-        late: bool,
-        use_tqdm: UseTqdm,
-    ) -> list[ScoringRequestOutput]:
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each distinct text embedded once
-        task: PoolingTask = "token_embed" if late else "embed"
-        tokenized = self.engine.inputs.process(texts, truncation)
-        ids, data = self._run(tokenized, self._bind_params(params, task, len(texts)), use_tqdm)
-        by_text = {t: (rid, out, p) for t, rid, out, p in zip(texts, ids, data, tokenized)}
-        pad = self.get_tokenizer().pad_token_id or 0
-        results = []
-        for q, d in pairs:
-            (qid, eq, pq), (did, ed, pd) = by_text[q], by_text[d]
-            score = _maxsim(eq, ed) if late else F.cosine_similarity(eq.float(), ed.float(), dim=0)
-            results.append(
-                PoolingRequestOutput(f"{qid}_{did}", ScoringOutput(float(score)), [*pq.token_ids, pad, *pd.token_ids])
-            )
-        return results
-
-    def _check_task(self, task: PoolingTask) -> None:
-        supported = self.model_config.supported_tasks
-        if task in EMBED_TASKS and not EMBED_TASKS & set(supported):
-            raise UnsupportedTaskError(
-                "Embedding API is not supported by this model. Try converting the model using `--convert embed`."
-            )
-        if task in CLASSIFY_TASKS and not CLASSIFY_TASKS & set(supported):
-            raise UnsupportedTaskError(
-                "Classification API is not supported by this model. "
-                "Try converting the model using `--convert classify`."
-            )
-        if task not in supported:
-            raise UnsupportedTaskError(f"Unsupported task: {task!r} Supported tasks: {supported}")
-        if task != self.model_config.task:
-            raise UnsupportedTaskError(
-                f'Try switching the model\'s pooling_task via `PoolerConfig(task="{task}")`; '
-                f"this instance serves {self.model_config.task!r}."
-            )
+    # -- internals -----------------------------------------------------------------------------
 
     def _bind_params(
         self, given: PoolingParams | Sequence[PoolingParams] | None, task: PoolingTask, n: int
     ) -> list[PoolingParams]:
+        """One validated, task-bound PoolingParams per prompt."""
         if given is None or isinstance(given, PoolingParams):
-            items = [given or PoolingParams()] * n
-        else:
-            items = list(given)
-            if len(items) != n:
-                raise InvalidInputError(f"The lengths of prompts ({n}) and params ({len(items)}) must be the same.")
-        step = self.model_config.pooler.tok_pooling.value == "STEP"
-        for p in dict.fromkeys(items):  # validate each distinct object once
-            p.check_for_task(task, step_pooling=step)
-            if p.dimensions is not None:
-                self._check_dimensions(p.dimensions)
-        bound = {id(p): p.with_task(task) for p in items}
+            return [self.model_config.bind_params(given or PoolingParams(), task)] * n
+        items = list(given)
+        if len(items) != n:
+            raise InvalidInputError(f"The lengths of prompts ({n}) and params ({len(items)}) must be the same.")
+        bound = {id(p): self.model_config.bind_params(p, task) for p in items}  # each distinct object once
         return [bound[id(p)] for p in items]
-
-    def _check_dimensions(self, dimensions: int) -> None:
-        if not self.model_config.is_matryoshka:
-            raise InvalidInputError(
-                "Model does not support matryoshka representation, changing output dimensions will lead to "
-                "poor results.",
-                param="dimensions",
-            )
-        if dimensions > self.model_config.hidden_size:
-            raise InvalidInputError(
-                f"dimensions={dimensions} exceeds the embedding size {self.model_config.hidden_size}.",
-                param="dimensions",
-            )
 
     def _run(
         self, prompts: list[TokenizedPrompt], params: list[PoolingParams], use_tqdm: UseTqdm
@@ -409,11 +315,6 @@ class LLM:
 
 def _with_outputs(result: PoolingRequestOutput[Any], outputs: Any) -> PoolingRequestOutput[Any]:
     return PoolingRequestOutput(result.request_id, outputs, result.prompt_token_ids)
-
-
-def _maxsim(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Late interaction: sum over query tokens of the best-matching document token. q: [m, k], d: [n, k]."""
-    return (q.float() @ d.float().T).max(dim=1).values.sum()
 
 
 def _reject_lora(lora_request: Any) -> None:

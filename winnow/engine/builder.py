@@ -72,7 +72,14 @@ class Engine:
 
 
 def build_engine(args: EngineArgs, *, on_step: Callable[[StepStats], None] | None = None) -> Engine:
-    started = time.perf_counter()
+    """Resolve the configuration and load the model: everything ``LLM(...)`` needs."""
+    config, inputs = prepare_engine(args)
+    return load_engine(config, inputs, on_step=on_step)
+
+
+def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
+    """Everything but the weights: model folder, configs, tokenizer. Fast; a server can route and
+    tokenize with it while ``load_engine`` reads the weights."""
     device = resolve_device(args.device)
     path = resolve_model_path(args.model, revision=args.revision)
     check_model_folder(path)
@@ -113,25 +120,34 @@ def build_engine(args: EngineArgs, *, on_step: Callable[[StepStats], None] | Non
         chat_template=load_template(args.chat_template),
         seed=args.seed,
     )
-    runner = ModelRunner(model_config, device)
-    scheduler = Scheduler(
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
-        padded_cost=runner.pads_dense_layers,
-    )
     inputs = InputProcessor(
         tokenizers,
         max_model_len=model_config.max_model_len,
         vocab_size=model_config.vocab_size,
         lower_case=model_config.do_lower_case,
     )
+    return config, inputs
+
+
+def load_engine(
+    config: EngineConfig, inputs: InputProcessor, *, on_step: Callable[[StepStats], None] | None = None
+) -> Engine:
+    """Load the weights onto the device and assemble scheduler, runner and core."""
+    started = time.perf_counter()
+    model_config = config.model
+    runner = ModelRunner(model_config, config.device)
+    scheduler = Scheduler(
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        padded_cost=runner.pads_dense_layers,
+    )
     logger.info(
         "Loaded %s (%s, %s) for task %s on %s in %s, max_model_len=%d, in %.1fs",
-        args.model,
-        entry.architecture,
-        "native" if entry.is_native else "transformers fallback",
+        model_config.model,
+        model_config.architecture,
+        "native" if model_config.entry.is_native else "transformers fallback",
         model_config.task,
-        device,
+        config.device,
         str(model_config.dtype).replace("torch.", ""),
         model_config.max_model_len,
         time.perf_counter() - started,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ import torch
 
 from winnow.engine.request import Request
 from winnow.engine.scheduler import Scheduler
+from winnow.inputs.prompts import TokenizedPrompt
+from winnow.params import PoolingParams
 from winnow.runner.model_runner import ModelRunner
 
 
@@ -21,6 +24,8 @@ class StepStats:
     num_seqs: int
     num_tokens: int
     max_seqlen: int
+    queue_seconds: tuple[float, ...] = ()  # per request: batch start minus arrival_time
+    run_seconds: float = 0.0  # forward pass + pooling + copy to host
 
     @property
     def padding_fraction(self) -> float:
@@ -50,11 +55,23 @@ class EngineCore:
         return self.scheduler.schedule()
 
     def execute(self, requests: list[Request]) -> list[torch.Tensor]:
+        started = time.monotonic()
         outputs = self.runner.execute(requests)
         if self.on_step is not None:
             lens = [r.num_tokens for r in requests]
-            self.on_step(StepStats(len(lens), sum(lens), max(lens)))
+            queued = tuple(max(0.0, started - r.arrival_time) for r in requests)
+            self.on_step(StepStats(len(lens), sum(lens), max(lens), queued, time.monotonic() - started))
         return outputs
+
+    def warmup(self) -> None:
+        """Run the largest batch the scheduler can form (max_model_len-token dummy prompts with the active
+        task): fails fast on a budget the device cannot hold, and leaves the kernels warm."""
+        config = self.runner.config
+        seq_len = config.max_model_len
+        num_seqs = max(1, min(self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens // seq_len))
+        prompt = TokenizedPrompt([i % config.vocab_size for i in range(seq_len)])
+        params = PoolingParams(task=config.task)
+        self.runner.execute([Request(f"warmup-{i}", prompt, params) for i in range(num_seqs)])
 
     def step(self) -> list[tuple[Request, torch.Tensor]]:
         """Schedule one batch, run it, return (request, output) for every request in it."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from winnow.inputs.prompts import TokenizedPrompt
 from winnow.params import PoolingParams
@@ -13,7 +14,7 @@ class Request:
     request_id: str
     prompt: TokenizedPrompt
     params: PoolingParams  # params.task is always set
-    arrival_time: float = 0.0  # time.monotonic() at submission; the scheduler serves older first
+    arrival_time: float = field(default_factory=time.monotonic)  # when it was submitted
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,11 @@ class TokenizedPrompt:
     token_ids: list[int]
     token_type_ids: list[int] | None = None  # None when every type id is 0
 
+    @staticmethod
+    def from_encoding(enc: Encoding) -> TokenizedPrompt:
+        types = enc.type_ids
+        return TokenizedPrompt(list(enc.ids), list(types) if any(types) else None)
+
 
 @dataclass(frozen=True)
 class TruncationOptions:
@@ -127,9 +132,9 @@ class InputProcessor:
                 raise InvalidInputError(f"Prompt {i} is empty; pass at least one character or token.", param="input")
             if isinstance(p, list):
                 results[i] = TokenizedPrompt(_truncate_ids(p, options))
-        texts: list[TextOrPair] = [self._text(prompts[i]) for i in text_rows]  # type: ignore[arg-type]
+        texts: list[TextOrPair] = [self.normalize_text(prompts[i]) for i in text_rows]  # type: ignore[arg-type]
         for i, enc in zip(text_rows, self.encode(texts, options)):
-            results[i] = _to_prompt(enc)
+            results[i] = TokenizedPrompt.from_encoding(enc)
         checked = [r for r in results if r is not None]
         for i, r in enumerate(checked):
             self.check(r, i, truncated=options.max_tokens is not None)
@@ -174,7 +179,8 @@ class InputProcessor:
                 param="input",
             )
 
-    def _text(self, text: str) -> str:
+    def normalize_text(self, text: str) -> str:
+        """sentence-transformers do_lower_case: the model was trained on lower-cased text."""
         return text.lower() if self.lower_case else text
 
 
@@ -183,8 +189,3 @@ def _truncate_ids(ids: list[int], options: TruncationOptions) -> list[int]:
     if k is None or len(ids) <= k:
         return list(ids)
     return ids[-k:] if options.side == "left" else ids[:k]
-
-
-def _to_prompt(enc: Encoding) -> TokenizedPrompt:
-    types = enc.type_ids
-    return TokenizedPrompt(list(enc.ids), list(types) if any(types) else None)

@@ -11,12 +11,20 @@ Order of precedence for one (query, document) pair:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from winnow.errors import InvalidInputError
-from winnow.inputs.prompts import InputProcessor, TokenizedPrompt, TruncationOptions, _to_prompt
+import torch
+import torch.nn.functional as F
+
+from winnow.errors import InvalidInputError, UnsupportedTaskError
+from winnow.inputs.prompts import InputProcessor, TokenizedPrompt, TruncationOptions
 from winnow.inputs.tokenizer import TextOrPair
+from winnow.params import PoolingParams
+
+if TYPE_CHECKING:
+    from winnow.config import ModelConfig
 
 ScoreInput = str | Mapping[str, Any]
 
@@ -95,8 +103,8 @@ def cross_encoder_prompts(
     use_sep_token: bool = True,
 ) -> list[TokenizedPrompt]:
     """Token ids (and token types) the cross-encoder sees for each pair."""
-    queries = [processor._text(q) for q, _ in pairs]
-    docs = [processor._text(d) for _, d in pairs]
+    queries = [processor.normalize_text(q) for q, _ in pairs]
+    docs = [processor.normalize_text(d) for _, d in pairs]
     queries = cut_to_tokens(processor, queries, max_tokens_per_query)
     docs = cut_to_tokens(processor, docs, max_tokens_per_doc)
     # Score calls always add the tokenizer's special tokens (vLLM: add_special_tokens is forced on).
@@ -109,7 +117,7 @@ def cross_encoder_prompts(
         inputs = list(zip(queries, docs))
     else:
         inputs = [q + d for q, d in zip(queries, docs)]
-    prompts = [_to_prompt(enc) for enc in processor.encode(inputs, options)]
+    prompts = [TokenizedPrompt.from_encoding(enc) for enc in processor.encode(inputs, options)]
     for i, p in enumerate(prompts):
         processor.check(p, i, truncated=options.max_tokens is not None)
     return prompts
@@ -128,3 +136,91 @@ def _render(processor: InputProcessor, template: str, query: str, doc: str, kwar
     except Exception as e:
         raise InvalidInputError(f"The score template failed to render: {type(e).__name__}: {e}") from e
     return str(rendered)
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """What the engine runs for a score call, and how its outputs become one score per pair.
+
+    Cross-encoder: one prompt per pair, its single classifier output is the score. Bi-encoder /
+    late interaction: each distinct text is embedded once; ``pairs`` holds the (query, document)
+    prompt rows of each pair, scored by cosine similarity or MaxSim in float32.
+    """
+
+    prompts: list[TokenizedPrompt]
+    params: PoolingParams  # bound to classify, embed or token_embed
+    pairs: list[tuple[int, int]] | None = None  # None: cross-encoder, prompt i is pair i
+    late_interaction: bool = False
+    pad_token_id: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.prompts) if self.pairs is None else len(self.pairs)
+
+    def scores(self, outputs: Sequence[torch.Tensor]) -> list[float]:
+        if self.pairs is None:
+            return [float(out.reshape(-1)[0]) for out in outputs]
+        if self.late_interaction:
+            return [float(_maxsim(outputs[q], outputs[d])) for q, d in self.pairs]
+        return [float(F.cosine_similarity(outputs[q].float(), outputs[d].float(), dim=0)) for q, d in self.pairs]
+
+    def pair_token_ids(self, i: int) -> list[int]:
+        """The tokens of pair i: the cross-encoder prompt, or query + [pad] + document (vLLM's bi-encoder form)."""
+        if self.pairs is None:
+            return self.prompts[i].token_ids
+        q, d = self.pairs[i]
+        return [*self.prompts[q].token_ids, self.pad_token_id, *self.prompts[d].token_ids]
+
+
+def plan_scores(
+    processor: InputProcessor,
+    config: ModelConfig,
+    queries: list[str],
+    documents: list[str],
+    *,
+    truncation: TruncationOptions,
+    params: PoolingParams,
+    template: str | None = None,
+    default_template: str | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+    pad_token_id: int = 0,
+) -> ScorePlan:
+    """Validate a score call and tokenize what the engine must run for it. ``template`` is the caller's
+    score template; ``default_template`` the engine's (``chat_template`` option), used when none is given."""
+    if config.score_type is None:
+        if config.task == "classify":
+            raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
+        raise UnsupportedTaskError("This model does not support the Scoring API.")
+    pairs = pair_up(queries, documents)
+    extra = dict(params.extra_kwargs or {})
+    params = PoolingParams(use_activation=params.use_activation, dimensions=params.dimensions, task=params.task)
+    if config.score_type == "cross-encoder":
+        limit = config.max_model_len
+        prompts = cross_encoder_prompts(
+            processor,
+            pairs,
+            truncation,
+            max_tokens_per_query=check_side_limit(extra.get("max_tokens_per_query", 0), "max_tokens_per_query", limit),
+            max_tokens_per_doc=check_side_limit(extra.get("max_tokens_per_doc", 0), "max_tokens_per_doc", limit),
+            template=template or default_template,
+            template_kwargs=template_kwargs,
+            use_sep_token=config.use_sep_token,
+        )
+        return ScorePlan(prompts, config.bind_params(params, "classify"))
+    if template is not None:
+        raise InvalidInputError("chat_template is only supported for cross-encoder models.")
+    late = config.score_type == "late-interaction"
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each distinct text embedded once
+    row = {t: i for i, t in enumerate(texts)}
+    return ScorePlan(
+        processor.process(texts, truncation),
+        config.bind_params(params, "token_embed" if late else "embed"),
+        pairs=[(row[q], row[d]) for q, d in pairs],
+        late_interaction=late,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _maxsim(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Late interaction: sum over query tokens of the best-matching document token. q: [m, k], d: [n, k]."""
+    return (q.float() @ d.float().T).max(dim=1).values.sum()

@@ -1,0 +1,208 @@
+"""``winnow serve [MODEL]``: the HTTP server. Flags are named as ``vllm serve`` names them.
+
+The only place that reads the environment (``WINNOW_API_KEY``, ``TOKENIZERS_PARALLELISM``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from winnow.models.files import DEFAULT_MODEL
+
+logger = logging.getLogger("winnow")
+
+_SERVE_EXAMPLES = """examples:
+  winnow serve                                             the bundled all-MiniLM-L6-v2 on :8000
+  winnow serve cross-encoder/ms-marco-MiniLM-L-6-v2 --port 8080
+  winnow serve ./my-classifier --pooler-config.task token_classify --api-key secret
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="winnow", description="Serve transformer classification models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="Serve a model over HTTP (vLLM-compatible pooling endpoints).",
+        description="Serve a model over HTTP: /classify, /score, /rerank, /pooling, /v1/embeddings, /tokenize...",
+        epilog=_SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})."
+    )
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", default="0.0.0.0", help="Interface to bind (default: all interfaces).")
+    net.add_argument("--port", type=int, default=8000, help="Port (default: 8000).")
+    net.add_argument(
+        "--served-model-name", nargs="+", default=None, help="Names clients use in `model`; the first is echoed."
+    )
+    net.add_argument(
+        "--api-key",
+        nargs="+",
+        default=None,
+        help="Require `Authorization: Bearer <key>` on every route but /health and /ping (also WINNOW_API_KEY).",
+    )
+    net.add_argument(
+        "--max-concurrent-requests", type=int, default=512, help="Inference requests in flight; more get 429."
+    )
+    net.add_argument(
+        "--max-request-body-bytes", type=int, default=64 * 1024 * 1024, help="Larger request bodies get 413."
+    )
+    net.add_argument(
+        "--trust-request-chat-template", action="store_true", help="Allow a chat_template field in requests."
+    )
+    net.add_argument("--disable-fastapi-docs", action="store_true", help="Do not serve /docs and /openapi.json.")
+    net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    model = serve.add_argument_group("model")
+    model.add_argument("--runner", default="auto", choices=["auto", "pooling"], help="Model runner (pooling only).")
+    model.add_argument(
+        "--convert", default="auto", choices=["auto", "none", "embed", "classify"], help="Adapt the architecture."
+    )
+    model.add_argument(
+        "--pooler-config",
+        type=_json_object,
+        default=None,
+        help='Pooler options as JSON, e.g. \'{"task": "token_classify"}\', or dotted: --pooler-config.task X',
+    )
+    model.add_argument("--hf-overrides", type=_json_object, default=None, help="JSON patched into config.json.")
+    model.add_argument("--max-model-len", type=int, default=None, help="Max tokens per prompt (or per pair).")
+    model.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16.")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    model.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id (default: the model's).")
+    model.add_argument("--revision", default=None, help="Hub revision.")
+    model.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (fallback).")
+    model.add_argument(
+        "--chat-template", default=None, help="Jinja template (path or text): chat requests and score prompts."
+    )
+    batching = serve.add_argument_group("batching")
+    batching.add_argument("--max-num-batched-tokens", type=int, default=None, help="Token budget per forward pass.")
+    batching.add_argument("--max-num-seqs", type=int, default=None, help="Sequences per forward pass.")
+    return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _split_dotted(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull ``--pooler-config.<field> <value>`` (or ``=value``) out of argv; values parse as JSON when they can."""
+    rest, dotted, items = [], {}, list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if arg.startswith("--pooler-config."):
+            key, _, value = arg[len("--pooler-config.") :].partition("=")
+            if not value:
+                if i + 1 >= len(items):
+                    raise SystemExit(f"winnow serve: {arg} needs a value")
+                i += 1
+                value = items[i]
+            try:
+                dotted[key.replace("-", "_")] = json.loads(value)
+            except ValueError:
+                dotted[key.replace("-", "_")] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, dotted
+
+
+def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
+    import uvicorn
+
+    from winnow.engine.builder import EngineArgs, prepare_engine
+    from winnow.errors import WinnowError
+    from winnow.server.app import create_app
+    from winnow.server.state import ServerSettings, ServerState
+
+    api_keys = args.api_key or ([os.environ["WINNOW_API_KEY"]] if os.environ.get("WINNOW_API_KEY") else [])
+    pooler = {**(args.pooler_config or {}), **dotted_pooler} or None
+    engine_args = EngineArgs(
+        model=args.model,
+        runner=args.runner,
+        convert=args.convert,
+        pooler_config=pooler,
+        hf_overrides=args.hf_overrides,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
+    try:
+        config, inputs = prepare_engine(engine_args)
+    except WinnowError as e:
+        logger.error("%s", e)
+        return 2
+    settings = ServerSettings(
+        served_model_names=tuple(args.served_model_name or [args.model]),
+        api_keys=tuple(api_keys),
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
+        enable_docs=not args.disable_fastapi_docs,
+    )
+    state = ServerState(config, inputs, settings)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(state, on_fatal=stop)
+    mc = config.model
+    logger.info(
+        "Serving %s as %s: %s (%s), task %s, on %s in %s, max_model_len %d, at http://%s:%d%s",
+        mc.model,
+        settings.served_model_names,
+        mc.architecture,
+        "native" if mc.entry.is_native else "transformers fallback",
+        mc.task,
+        config.device,
+        str(mc.dtype).replace("torch.", ""),
+        mc.max_model_len,
+        args.host,
+        args.port,
+        " (API key required)" if api_keys else "",
+    )
+    logger.info("Loading weights in the background; /health answers 503 until the model is warmed up.")
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
+    )
+    server.run()
+    return 1 if state.load_error is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv_list, dotted = _split_dotted(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv_list)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # NOTE: torch's intra-op pool owns the cores; the Rust tokenizer's own thread pool would compete with it
+    # (tokenization already runs beside the model in worker threads), so it is off unless the user set it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "serve":
+        return serve(args, dotted)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Operational routes: models, health, version, metrics, and SageMaker's /invocations."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+import winnow
+from winnow.errors import InvalidInputError
+from winnow.server.serving import get_state
+
+router = APIRouter(tags=["admin"])
+
+# (request model, handler) pairs /invocations tries in order; filled per app by create_app.
+Invocation = tuple[type[BaseModel], Callable[[Any, HTTPRequest], Awaitable[Response]]]
+
+
+@router.get("/v1/models")
+async def models(http: HTTPRequest) -> JSONResponse:
+    state = get_state(http)
+    cards: list[dict[str, Any]] = [
+        {
+            "id": name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "winnow",
+            "root": str(state.model_config.path),
+            "parent": None,
+            "max_model_len": state.model_config.max_model_len,
+            "permission": [],
+        }
+        for name in state.settings.served_model_names
+    ]
+    return JSONResponse({"object": "list", "data": cards})
+
+
+@router.get("/health")
+@router.get("/ping")
+@router.post("/ping", include_in_schema=False)
+async def health(http: HTTPRequest) -> Response:
+    """200 once the model is loaded and warmed up; 503 while loading, after a failure, or when shutting down."""
+    state = get_state(http)
+    if state.is_ready:
+        return Response(status_code=200)
+    state.require_engine()  # raises the reason (503)
+    return Response(status_code=503)
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": winnow.__version__})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(http: HTTPRequest) -> Response:
+    return Response(get_state(http).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/invocations")
+async def invocations(http: HTTPRequest) -> Response:
+    """SageMaker: the body is dispatched to the first enabled API whose request schema it fits."""
+    try:
+        body = await http.json()
+    except ValueError as e:
+        raise InvalidInputError(f"The body is not valid JSON: {e}") from e
+    routes: list[Invocation] = http.app.state.invocations
+    for schema, handler in routes:
+        try:
+            request = schema.model_validate(body)
+        except ValidationError:
+            continue
+        return await handler(request, http)
+    names = ", ".join(schema.__name__ for schema, _ in routes)
+    raise InvalidInputError(f"The body matches none of the APIs this model serves ({names}).")

@@ -1,0 +1,48 @@
+"""POST /classify (and /v1/classify): one label and probability vector per prompt."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse
+
+from winnow.params import PoolingParams
+from winnow.server.errors import NotImplementedRouteError
+from winnow.server.protocol import ClassifyRequest, ClassifyResponse
+from winnow.server.serving import get_state, tokenize_body, usage
+from winnow.server.state import response_id
+
+router = APIRouter(tags=["classification"])
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/v1/classify", response_model=ClassifyResponse, include_in_schema=False)
+async def classify(body: ClassifyRequest, http: HTTPRequest) -> JSONResponse:
+    """Classify each input (a text, a token-id list, or a batch of either) or one chat conversation."""
+    state = get_state(http)
+    state.check_model(body.model)
+    if state.model_config.task != "classify":
+        raise NotImplementedRouteError("The model does not support Classification API")
+    params = state.model_config.bind_params(PoolingParams(use_activation=body.use_activation_value()), "classify")
+    async with state.admission():
+        prompts = await tokenize_body(state, body)
+        outputs = await state.run(http, prompts, [params] * len(prompts))
+    id2label = state.model_config.id2label
+    data = []
+    for index, output in enumerate(outputs):
+        probs = output.tolist()
+        data.append(
+            {"index": index, "label": id2label.get(int(output.argmax())), "probs": probs, "num_classes": len(probs)}
+        )
+    return JSONResponse(
+        {
+            "id": response_id("classify", http, body.request_id),
+            "object": "list",
+            "created": int(time.time()),
+            "model": body.model or state.served_name,
+            "data": data,
+            "usage": usage(sum(len(p.token_ids) for p in prompts)),
+        }
+    )

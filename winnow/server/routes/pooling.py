@@ -1,0 +1,139 @@
+"""POST /pooling (any task the model serves) and POST /v1/embeddings (OpenAI shape, embedding models)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import torch
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+
+from winnow.errors import InvalidInputError
+from winnow.params import PoolingParams, check_task
+from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
+from winnow.server.serving import get_state, prompts_of, tokenize_body, truncation_of, usage
+from winnow.server.state import response_id
+
+router = APIRouter(tags=["pooling"])
+embeddings_router = APIRouter(tags=["embeddings"])
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+@router.post("/pooling", response_model=PoolingResponse)
+async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
+    """Raw pooled outputs of the active task: classify ``[num_labels]``, token tasks ``[num_tokens][k]``."""
+    state = get_state(http)
+    state.check_model(body.model)
+    if body.dimensions is not None:
+        raise InvalidInputError("dimensions is currently not supported", param="dimensions")
+    config = state.model_config
+    task = check_task(body.task) if body.task is not None else config.task
+    config.check_task(task)
+    params = config.bind_params(PoolingParams(use_activation=body.use_activation_value()), task)
+    async with state.admission():
+        prompts = await tokenize_body(state, body)
+        outputs = await state.run(http, prompts, [params] * len(prompts))
+    rid, created, model = (
+        response_id("pooling", http, body.request_id),
+        int(time.time()),
+        body.model or state.served_name,
+    )
+    num_tokens = sum(len(p.token_ids) for p in prompts)
+    if body.encoding_format in ("bytes", "bytes_only"):
+        return _bytes_response(outputs, body, rid, created, model, num_tokens)
+    data = [
+        {
+            "index": i,
+            "object": "pooling",
+            "data": _b64(out, body.embed_dtype, body.endianness) if body.encoding_format == "base64" else out.tolist(),
+        }
+        for i, out in enumerate(outputs)
+    ]
+    return JSONResponse(
+        {"id": rid, "object": "list", "created": created, "model": model, "data": data, "usage": usage(num_tokens)}
+    )
+
+
+@embeddings_router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> JSONResponse:
+    """OpenAI-compatible embeddings (L2-normalised unless use_activation is false)."""
+    state = get_state(http)
+    state.check_model(body.model)
+    config = state.model_config
+    config.check_task("embed")
+    params = config.bind_params(
+        PoolingParams(use_activation=body.use_activation_value(), dimensions=body.dimensions), "embed"
+    )
+    async with state.admission():
+        options = truncation_of(state, body, add_special_tokens=body.add_special_tokens)
+        prompts = await state.off_loop(state.inputs.process, prompts_of(body.input), options)
+        outputs = await state.run(http, prompts, [params] * len(prompts))
+    num_tokens = sum(len(p.token_ids) for p in prompts)
+    data = [
+        {
+            "index": i,
+            "object": "embedding",
+            "embedding": _b64(out, "float32", "little") if body.encoding_format == "base64" else out.tolist(),
+        }
+        for i, out in enumerate(outputs)
+    ]
+    return JSONResponse(
+        {
+            "id": response_id("embd", http, body.request_id),
+            "object": "list",
+            "created": int(time.time()),
+            "model": body.model or state.served_name,
+            "data": data,
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+        }
+    )
+
+
+def _raw_bytes(tensor: torch.Tensor, embed_dtype: str, endianness: str) -> bytes:
+    """The tensor cast to ``embed_dtype``, as bytes in the requested byte order."""
+    array = tensor.to(_DTYPES[embed_dtype]).contiguous().view(torch.uint8).numpy()
+    itemsize = torch.tensor([], dtype=_DTYPES[embed_dtype]).element_size()
+    if endianness == "big" and itemsize > 1:  # torch tensors are little-endian on every supported host
+        array = array.reshape(-1, itemsize)[:, ::-1]
+    return bytes(array.tobytes())
+
+
+def _b64(tensor: torch.Tensor, embed_dtype: str, endianness: str) -> str:
+    return base64.b64encode(_raw_bytes(tensor, embed_dtype, endianness)).decode("ascii")
+
+
+def _bytes_response(
+    outputs: list[torch.Tensor], body: PoolingRequest, rid: str, created: int, model: str, num_tokens: int
+) -> Response:
+    chunks, items, offset = [], [], 0
+    for i, out in enumerate(outputs):
+        raw = _raw_bytes(out, body.embed_dtype, body.endianness)
+        chunks.append(raw)
+        items.append(
+            {
+                "index": i,
+                "embed_dtype": body.embed_dtype,
+                "endianness": body.endianness,
+                "start": offset,
+                "end": offset + len(raw),
+                "shape": list(out.shape),
+            }
+        )
+        offset += len(raw)
+    headers: dict[str, Any] = {}
+    if body.encoding_format == "bytes":
+        meta = {"id": rid, "created": created, "model": model, "data": items}
+        meta["usage"] = {"prompt_tokens": num_tokens, "total_tokens": num_tokens}
+        headers["metadata"] = json.dumps(meta)
+    return Response(b"".join(chunks), media_type="application/octet-stream", headers=headers)

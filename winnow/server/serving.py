@@ -1,0 +1,96 @@
+"""Shared request handling for the routes: wire prompts -> token ids (off the event loop), usage, state lookup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+
+from winnow.errors import InvalidInputError
+from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_truncation
+from winnow.server.protocol import PromptInput, _PromptRequest, _Request
+from winnow.server.state import ServerState
+
+
+def get_state(http: HTTPRequest) -> ServerState:
+    state: ServerState = http.app.state.winnow
+    return state
+
+
+def truncation_of(state: ServerState, body: _Request, *, add_special_tokens: bool) -> TruncationOptions:
+    return parse_truncation(
+        {
+            "truncate_prompt_tokens": body.truncate_prompt_tokens,
+            "truncation_side": body.truncation_side,
+            "add_special_tokens": add_special_tokens,
+        },
+        max_model_len=state.model_config.max_model_len,
+    )
+
+
+def prompts_of(value: PromptInput) -> list[Prompt]:
+    """``input``: one text, a list of texts, one token-id list, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise InvalidInputError("You must pass at least one prompt", param="input")
+    if all(isinstance(v, int) for v in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
+
+
+def render_chat(state: ServerState, body: _PromptRequest | Any, messages: list[dict[str, Any]]) -> str:
+    """Render a conversation with the request's, the server's or the tokenizer's chat template."""
+    template = body.chat_template
+    if template is not None and not state.settings.trust_request_chat_template:
+        raise InvalidInputError(
+            "chat_template in a request is refused unless the server runs with --trust-request-chat-template.",
+            param="chat_template",
+        )
+    tokenizer = state.inputs.tokenizers.hf_tokenizer
+    template = template or state.config.chat_template or getattr(tokenizer, "chat_template", None)
+    if template is None:
+        raise InvalidInputError(
+            "This model has no chat template; send `input` instead of `messages`, or start the server with "
+            "--chat-template.",
+            param="messages",
+        )
+    kwargs = dict(body.chat_template_kwargs or {})
+    refused = sorted({"chat_template", "tools", "tokenize"} & set(kwargs))
+    if refused:
+        raise InvalidInputError(f"chat_template_kwargs may not set {refused}.", param="chat_template_kwargs")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **kwargs,
+        )
+    except Exception as e:  # Jinja and template errors come in many types
+        raise InvalidInputError(f"The chat template failed to render: {type(e).__name__}: {e}", param="messages") from e
+    return str(text)
+
+
+async def tokenize_body(state: ServerState, body: _PromptRequest) -> list[TokenizedPrompt]:
+    """The completion form gives one prompt per input; the chat form one prompt per conversation."""
+    if body.messages is not None:
+        prompts: list[Prompt] = [render_chat(state, body, body.messages)]
+        add_special = bool(body.add_special_tokens) if body.add_special_tokens is not None else False
+    else:
+        assert body.input is not None
+        prompts = prompts_of(body.input)
+        add_special = body.add_special_tokens if body.add_special_tokens is not None else True
+    options = truncation_of(state, body, add_special_tokens=add_special)
+    return await state.off_loop(state.inputs.process, prompts, options)
+
+
+def usage(num_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": num_tokens,
+        "total_tokens": num_tokens,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }

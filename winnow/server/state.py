@@ -1,0 +1,179 @@
+"""What every route shares: settings, the model's config and tokenizer, and (once loaded) the engine.
+
+The configuration and tokenizer exist from the start, so routes are registered for the model's
+task and ``/tokenize`` works at once; the weights load in the background and inference routes
+answer 503 until the engine is loaded and warmed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from fastapi import Request as HTTPRequest
+
+from winnow.config import ModelConfig
+from winnow.engine.async_engine import AsyncEngine
+from winnow.engine.builder import EngineConfig, load_engine
+from winnow.engine.request import Request
+from winnow.inputs.prompts import InputProcessor, TokenizedPrompt
+from winnow.params import PoolingParams
+from winnow.server.errors import ModelNotFoundError, NotReadyError, TooManyRequestsError
+from winnow.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...]
+    api_keys: tuple[str, ...] = ()
+    max_concurrent_requests: int = 512  # HTTP inference requests in flight; more get 429
+    max_request_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413
+    trust_request_chat_template: bool = False  # allow a per-request chat_template
+    enable_docs: bool = True
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its queued work was dropped."""
+
+
+class ServerState:
+    def __init__(self, config: EngineConfig, inputs: InputProcessor, settings: ServerSettings) -> None:
+        self.config = config
+        self.inputs = inputs
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine: AsyncEngine | None = None
+        self.load_error: BaseException | None = None
+        self.shutting_down = False
+        self.started = int(time.time())
+        self._in_flight = 0
+        self.metrics.queue_depth.set_function(self._queue_depth)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def served_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_healthy and not self.shutting_down
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def load(self, on_fatal: Callable[[], None] | None = None) -> None:
+        """Load weights, warm up, start the engine thread. Runs off the event loop."""
+        try:
+            engine = await asyncio.to_thread(load_engine, self.config, self.inputs, on_step=self.metrics.observe_step)
+            await asyncio.to_thread(engine.core.warmup)
+        except Exception as e:
+            logger.exception("Loading the model failed")
+            self.load_error = e
+            if on_fatal is not None:
+                on_fatal()
+            return
+        async_engine = AsyncEngine(engine.core)
+        async_engine.start()
+        self.engine = async_engine
+        logger.info("Model loaded and warmed up; ready to serve.")
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    def _queue_depth(self) -> float:
+        return float(self.engine.core.scheduler.num_waiting) if self.engine is not None else 0.0
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.settings.served_model_names:
+            raise ModelNotFoundError(f"The model `{name}` does not exist.", param="model")
+
+    def check_api_key(self, authorization: str | None) -> bool:
+        """Constant-time comparison against every configured key."""
+        if not self.settings.api_keys:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        matches = [hmac.compare_digest(given, key.encode()) for key in self.settings.api_keys]
+        return any(matches)
+
+    def require_engine(self) -> AsyncEngine:
+        if self.shutting_down:
+            raise NotReadyError("The server is shutting down.")
+        if self.load_error is not None:
+            raise NotReadyError(f"The model failed to load: {self.load_error}")
+        if self.engine is None:
+            raise NotReadyError("The model is still loading; retry shortly.")
+        return self.engine
+
+    @asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        """Count an inference request in flight; beyond the limit, refuse it with 429."""
+        if self._in_flight >= self.settings.max_concurrent_requests:
+            raise TooManyRequestsError(
+                f"The server is at capacity ({self.settings.max_concurrent_requests} requests in flight); retry later."
+            )
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    # -- work ----------------------------------------------------------------------------------
+
+    async def off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Tokenization and other CPU work run in a worker thread, never on the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    async def run(
+        self, http: HTTPRequest, prompts: Sequence[TokenizedPrompt], params: Sequence[PoolingParams]
+    ) -> list[torch.Tensor]:
+        """Submit prompts to the shared engine; drop them if the client disconnects first."""
+        engine = self.require_engine()
+        batch_id = uuid.uuid4().hex
+        requests = [Request(f"{batch_id}-{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+        return await _until_disconnected(http, engine.run(requests))
+
+
+def response_id(prefix: str, http: HTTPRequest, request_id: str | None) -> str:
+    return f"{prefix}-{http.headers.get('x-request-id') or request_id or uuid.uuid4().hex}"
+
+
+async def _until_disconnected(http: HTTPRequest, work: Coroutine[Any, Any, _T]) -> _T:
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(http))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()  # AsyncEngine.run aborts the still-waiting requests
+    raise ClientDisconnected()
+
+
+async def _wait_for_disconnect(http: HTTPRequest) -> None:
+    # The body was already read by FastAPI, so the next ASGI message is the disconnect (or nothing).
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
