@@ -1,0 +1,85 @@
+"""One test per LLM(...) option not covered elsewhere: convert, tokenizer, max_model_len, device,
+chat_template, hf_overrides, trust_remote_code and seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import PROMPTS
+from winnow import LLM, PromptTooLongError
+
+
+def test_convert_embed_serves_a_classifier_checkpoint_as_an_embedder(make_model, hf_reference):
+    path = make_model("bert", "seq", num_labels=2)
+    llm = LLM(str(path), device="cpu", convert="embed")
+    assert (llm.model_config.architecture, llm.model_config.task) == ("BertModel", "embed")
+    model, tok = hf_reference(path, "seq")
+    for prompt, out in zip(PROMPTS[:3], llm.embed(PROMPTS[:3], use_tqdm=False)):
+        with torch.no_grad():
+            cls = model.bert(**tok(prompt, return_tensors="pt")).last_hidden_state[0, 0]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), cls / cls.norm(), atol=1e-5, rtol=0)
+
+
+def test_tokenizer_option_loads_another_folder(make_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = make_model("bert", "seq", num_labels=2)
+    cased = AutoTokenizer.from_pretrained(path, do_lower_case=False)  # a tokenizer that differs on upper case
+    cased.save_pretrained(tmp_path)
+    llm = LLM(str(path), device="cpu", tokenizer=str(tmp_path))
+    got = llm.classify("HELLO world", use_tqdm=False)[0].prompt_token_ids
+    assert got == cased("HELLO world").input_ids
+    assert got != AutoTokenizer.from_pretrained(path)("HELLO world").input_ids
+
+
+def test_max_model_len_caps_prompts(make_model):
+    llm = LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", max_model_len=10)
+    assert llm.model_config.max_model_len == 10
+    with pytest.raises(PromptTooLongError, match="maximum context length is 10 tokens"):
+        llm.classify(PROMPTS[3], use_tqdm=False)
+    out = llm.classify(PROMPTS[3], tokenization_kwargs={"truncate_prompt_tokens": -1}, use_tqdm=False)
+    assert len(out[0].prompt_token_ids) == 10
+
+
+def test_device_auto_is_cpu_without_a_gpu(make_model):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto picks cuda")
+    assert LLM(str(make_model("bert", "seq", num_labels=2))).engine.config.device == torch.device("cpu")
+
+
+def test_constructor_chat_template_is_the_default_score_template(make_model):
+    template = "{{ messages[0].content }} and {{ messages[1].content }}"
+    llm = LLM(str(make_model("bert", "seq", num_labels=1)), device="cpu", chat_template=template)
+    out = llm.score("hello", "world", use_tqdm=False)[0]
+    assert out.prompt_token_ids == llm.get_tokenizer()("hello and world").input_ids
+    per_call = llm.score("hello", "world", chat_template="{{ messages[1].content }}", use_tqdm=False)[0]
+    assert per_call.prompt_token_ids == llm.get_tokenizer()("world").input_ids
+
+
+def test_hf_overrides_label_space(make_model):
+    path = make_model("bert", "seq", num_labels=2)
+    llm = LLM(str(path), device="cpu", hf_overrides={"id2label": {0: "negative", 1: "positive"}})
+    assert llm.model_config.id2label == {0: "negative", 1: "positive"}
+    relabelled = LLM(str(path), device="cpu", hf_overrides={"problem_type": "multi_label_classification"})
+    probs = relabelled.classify(PROMPTS[0], use_tqdm=False)[0].outputs.probs
+    assert abs(sum(probs) - 1.0) > 1e-3  # independent sigmoids, not a softmax
+
+
+def test_trust_remote_code_and_seed_are_accepted(make_model):
+    llm = LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", trust_remote_code=True, seed=1234)
+    assert llm.engine.config.seed == 1234
+    assert llm.model_config.trust_remote_code is True
+    assert llm.classify(PROMPTS[0], use_tqdm=False)[0].outputs.num_classes == 2
+
+
+def test_ignored_vllm_options_are_accepted(make_model):
+    path = str(make_model("bert", "seq", num_labels=2))
+    llm = LLM(path, device="cpu", enforce_eager=True, gpu_memory_utilization=0.9)
+    assert llm.classify(PROMPTS[0], use_tqdm=False)[0].outputs.num_classes == 2
+
+
+def test_legacy_task_keyword(make_model):
+    with pytest.warns(DeprecationWarning, match="task"):
+        llm = LLM(str(make_model("bert", "tok", num_labels=3)), device="cpu", task="reward")
+    assert llm.model_config.task == "token_classify"
