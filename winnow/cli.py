@@ -167,17 +167,11 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
             server.should_exit = True
 
     app = create_app(state, on_fatal=stop)
-    mc = config.model
     logger.info(
-        "Serving %s as %s: %s (%s), task %s, on %s in %s, max_model_len %d, at http://%s:%d%s",
-        mc.model,
-        settings.served_model_names,
-        mc.architecture,
-        "native" if mc.entry.is_native else "transformers fallback",
-        mc.task,
-        config.device,
-        str(mc.dtype).replace("torch.", ""),
-        mc.max_model_len,
+        "Serving %s as %s: %s, at http://%s:%d%s",
+        config.model.model,
+        list(settings.served_model_names),
+        config.describe(),
         args.host,
         args.port,
         " (API key required)" if api_keys else "",

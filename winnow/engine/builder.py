@@ -63,6 +63,13 @@ class EngineConfig:
     chat_template: str | None  # default score template (cross-encoders)
     seed: int
 
+    def describe(self) -> str:
+        """One line for logs: what runs, how, where."""
+        m = self.model
+        path = "native" if m.entry.is_native else "transformers fallback"
+        dtype = str(m.dtype).replace("torch.", "")
+        return f"{m.architecture} ({path}), task {m.task}, on {self.device} in {dtype}, max_model_len {m.max_model_len}"
+
 
 @dataclass(frozen=True)
 class Engine:
@@ -141,17 +148,7 @@ def load_engine(
         max_num_seqs=config.max_num_seqs,
         padded_cost=runner.pads_dense_layers,
     )
-    logger.info(
-        "Loaded %s (%s, %s) for task %s on %s in %s, max_model_len=%d, in %.1fs",
-        model_config.model,
-        model_config.architecture,
-        "native" if model_config.entry.is_native else "transformers fallback",
-        model_config.task,
-        config.device,
-        str(model_config.dtype).replace("torch.", ""),
-        model_config.max_model_len,
-        time.perf_counter() - started,
-    )
+    logger.info("Loaded %s: %s, in %.1fs", model_config.model, config.describe(), time.perf_counter() - started)
     return Engine(config, inputs, EngineCore(scheduler, runner, on_step=on_step))
 
 

@@ -7,7 +7,7 @@ to /score, ``return_documents`` to /rerank...). Aliases are folded into one valu
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +15,7 @@ from winnow.errors import InvalidInputError
 
 # A prompt: text, token ids, a batch of texts, or a batch of token-id lists.
 PromptInput = str | list[str] | list[int] | list[list[int]]
+_Item = TypeVar("_Item")
 # One side of a score pair: text or {"content": [{"type": "text", "text": ...}, ...]}.
 ScoreInput = str | dict[str, Any]
 
@@ -193,28 +194,32 @@ class ClassifyData(BaseModel):
     num_classes: int
 
 
-class ClassifyResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int
-    model: str
-    data: list[ClassifyData]
-    usage: Usage
-
-
 class ScoreData(BaseModel):
     index: int
     object: Literal["score"] = "score"
     score: float
 
 
-class ScoreResponse(BaseModel):
+class PoolingData(BaseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: Any
+
+
+class ListResponse(BaseModel, Generic[_Item]):
+    """The envelope of /classify, /score and /pooling answers."""
+
     id: str
     object: Literal["list"] = "list"
     created: int
     model: str
-    data: list[ScoreData]
+    data: list[_Item]
     usage: Usage
+
+
+ClassifyResponse = ListResponse[ClassifyData]
+ScoreResponse = ListResponse[ScoreData]
+PoolingResponse = ListResponse[PoolingData]
 
 
 class RerankDocument(BaseModel):
@@ -233,21 +238,6 @@ class RerankResponse(BaseModel):
     model: str
     usage: dict[str, int]
     results: list[RerankResult]
-
-
-class PoolingData(BaseModel):
-    index: int
-    object: Literal["pooling"] = "pooling"
-    data: Any
-
-
-class PoolingResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int
-    model: str
-    data: list[PoolingData]
-    usage: Usage
 
 
 class EmbeddingData(BaseModel):

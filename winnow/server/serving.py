@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -84,6 +85,18 @@ async def tokenize_body(state: ServerState, body: _PromptRequest) -> list[Tokeni
         add_special = body.add_special_tokens if body.add_special_tokens is not None else True
     options = truncation_of(state, body, add_special_tokens=add_special)
     return await state.off_loop(state.inputs.process, prompts, options)
+
+
+def list_body(rid: str, model: str, data: list[dict[str, Any]], num_tokens: int) -> dict[str, Any]:
+    """The ``ListResponse`` envelope shared by /classify, /score and /pooling."""
+    return {
+        "id": rid,
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
+        "usage": usage(num_tokens),
+    }
 
 
 def usage(num_tokens: int) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
@@ -11,7 +9,7 @@ from fastapi.responses import JSONResponse
 from winnow.params import PoolingParams
 from winnow.server.errors import NotImplementedRouteError
 from winnow.server.protocol import ClassifyRequest, ClassifyResponse
-from winnow.server.serving import get_state, tokenize_body, usage
+from winnow.server.serving import get_state, list_body, tokenize_body
 from winnow.server.state import response_id
 
 router = APIRouter(tags=["classification"])
@@ -36,13 +34,5 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> JSONResponse:
         data.append(
             {"index": index, "label": id2label.get(int(output.argmax())), "probs": probs, "num_classes": len(probs)}
         )
-    return JSONResponse(
-        {
-            "id": response_id("classify", http, body.request_id),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body.model or state.served_name,
-            "data": data,
-            "usage": usage(sum(len(p.token_ids) for p in prompts)),
-        }
-    )
+    rid, model = response_id("classify", http, body.request_id), body.model or state.served_name
+    return JSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))

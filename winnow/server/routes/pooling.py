@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from winnow.errors import InvalidInputError
 from winnow.params import PoolingParams, check_task
 from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
-from winnow.server.serving import get_state, prompts_of, tokenize_body, truncation_of, usage
+from winnow.server.serving import get_state, list_body, prompts_of, tokenize_body, truncation_of
 from winnow.server.state import response_id
 
 router = APIRouter(tags=["pooling"])
@@ -60,9 +60,7 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         }
         for i, out in enumerate(outputs)
     ]
-    return JSONResponse(
-        {"id": rid, "object": "list", "created": created, "model": model, "data": data, "usage": usage(num_tokens)}
-    )
+    return JSONResponse(list_body(rid, model, data, num_tokens))
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingResponse)

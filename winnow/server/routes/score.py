@@ -8,7 +8,6 @@ else's under the token budget and reassembled in order.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse
 from winnow.inputs.scoring import ScorePlan, parse_score_side, plan_scores
 from winnow.params import PoolingParams
 from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, _ScoreOptions
-from winnow.server.serving import get_state, truncation_of, usage
+from winnow.server.serving import get_state, list_body, truncation_of
 from winnow.server.state import ServerState, response_id
 
 logger = logging.getLogger(__name__)
@@ -33,16 +32,9 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
     state.check_model(body.model)
     queries, documents = body.sides()
     scores, plan = await _run_scores(state, http, body, queries, documents)
-    return JSONResponse(
-        {
-            "id": response_id("score", http, body.request_id),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body.model or state.served_name,
-            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
-            "usage": usage(sum(len(p.token_ids) for p in plan.prompts)),
-        }
-    )
+    data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+    rid, model = response_id("score", http, body.request_id), body.model or state.served_name
+    return JSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in plan.prompts)))
 
 
 @router.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
