@@ -6,12 +6,17 @@ The only place that reads the environment (``WINNOW_API_KEY``, ``TOKENIZERS_PARA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+import uvicorn
 
 from winnow.models.files import DEFAULT_MODEL
 
@@ -121,8 +126,6 @@ def _split_dotted(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
-    import uvicorn
-
     from winnow.engine.builder import EngineArgs, prepare_engine
     from winnow.errors import WinnowError
     from winnow.server.app import create_app
@@ -160,7 +163,7 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         enable_docs=not args.disable_fastapi_docs,
     )
     state = ServerState(config, inputs, settings)
-    server: uvicorn.Server | None = None
+    server: GracefulServer | None = None
 
     def stop() -> None:
         if server is not None:
@@ -177,11 +180,28 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         " (API key required)" if api_keys else "",
     )
     logger.info("Loading weights in the background; /health answers 503 until the model is warmed up.")
-    server = uvicorn.Server(
+    server = GracefulServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
     )
     server.run()
     return 1 if state.load_error is not None else 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, so the process would die by the
+    signal; a server that stopped accepting, finished its requests and shut down cleanly exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
