@@ -52,6 +52,11 @@ def check_task(task: str, *, param: str = "task") -> PoolingTask:
         raise InvalidInputError(
             "`encode` task was removed; use `token_embed` or `token_classify` instead.", param=param
         )
+    if task == "plugin":
+        raise InvalidInputError(
+            f"No IOProcessor plugin installed. winnow has no plugin tasks; use one of {', '.join(POOLING_TASKS)}.",
+            param=param,
+        )
     if task not in POOLING_TASKS:
         raise InvalidInputError(
             f"Unknown pooling task {task!r}; choose one of {', '.join(POOLING_TASKS)}.", param=param

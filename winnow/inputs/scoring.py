@@ -157,6 +157,16 @@ class ScorePlan:
     def num_pairs(self) -> int:
         return len(self.prompts) if self.pairs is None else len(self.pairs)
 
+    @property
+    def num_usage_tokens(self) -> int:
+        """Tokens billed: every cross-encoder pair; for embeddings each query once plus every document."""
+        if self.pairs is None:
+            return sum(len(p.token_ids) for p in self.prompts)
+        queries = {q for q, _ in self.pairs}
+        return sum(len(self.prompts[q].token_ids) for q in queries) + sum(
+            len(self.prompts[d].token_ids) for _, d in self.pairs
+        )
+
     def scores(self, outputs: Sequence[torch.Tensor]) -> list[float]:
         if self.pairs is None:
             return [float(out.reshape(-1)[0]) for out in outputs]

@@ -27,7 +27,7 @@ from winnow.errors import (
 class ServerError(Exception):
     """An HTTP-level refusal raised by the server itself (auth, model name, size, readiness)."""
 
-    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
     error_type = "InternalServerError"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
@@ -59,12 +59,20 @@ class NotImplementedRouteError(ServerError):
     status, error_type = HTTPStatus.NOT_IMPLEMENTED, "NotImplementedError"
 
 
+class ClientDisconnectedError(ServerError):
+    """The client went away before its answer was ready (its queued work was dropped). Nobody reads the
+    answer; 499 (nginx's "client closed request") keeps it out of the 5xx counts."""
+
+    status, error_type = 499, "ClientClosedRequest"
+
+
 # exception class -> (status, error type); looked up along the exception's MRO, first match wins.
-_TABLE: dict[type[BaseException], tuple[HTTPStatus, str]] = {
+_TABLE: dict[type[BaseException], tuple[int, str]] = {
     InvalidInputError: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
     ConfigError: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
     EngineOverloadedError: (HTTPStatus.TOO_MANY_REQUESTS, "TooManyRequestsError"),
-    EngineDeadError: (HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
+    # The engine thread died: a bug (vLLM answers 500 too); /health turns 503 so the server gets replaced.
+    EngineDeadError: (HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"),
     ModelLoadError: (HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
 }
 
@@ -73,15 +81,19 @@ def error_body(message: str, error_type: str, status: int, param: str | None = N
     return {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
 
 
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, error type) for any exception: the server's own, then the table, else 500."""
+    if isinstance(exc, ServerError):
+        return exc.status, exc.error_type
+    return next(
+        (_TABLE[cls] for cls in type(exc).__mro__ if cls in _TABLE),
+        (HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"),
+    )
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """Render any exception as the vLLM error shape with its status from the table."""
-    if isinstance(exc, ServerError):
-        status, kind = exc.status, exc.error_type
-    else:
-        status, kind = next(
-            (_TABLE[cls] for cls in type(exc).__mro__ if cls in _TABLE),
-            (HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"),
-        )
+    status, kind = status_of(exc)
     # A bug: the client gets no stack trace or internals; Starlette re-raises it for the server log.
     message = "Internal server error." if status == HTTPStatus.INTERNAL_SERVER_ERROR else str(exc)
     return JSONResponse(error_body(message, kind, status, getattr(exc, "param", None)), status_code=status)

@@ -92,7 +92,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            # Answers given before routing (401, 413) are "refused"; unknown paths are "unmatched".
+            route = getattr(scope.get("route"), "path", None) or ("refused" if status in (401, 413) else "unmatched")
             metrics = self.state.metrics
             metrics.requests.labels(route=route, status=str(status)).inc()
             metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)

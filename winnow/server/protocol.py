@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from winnow.errors import InvalidInputError
 
 # A prompt: text, token ids, a batch of texts, or a batch of token-id lists.
-PromptInput = str | list[str] | list[int] | list[list[int]]
+PromptInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 _Item = TypeVar("_Item")
 # One side of a score pair: text or {"content": [{"type": "text", "text": ...}, ...]}.
 ScoreInput = str | dict[str, Any]
@@ -31,6 +31,13 @@ class _Request(BaseModel):
     )
     truncation_side: Literal["left", "right"] | None = None
     priority: int = 0
+
+    @field_validator("priority")
+    @classmethod
+    def _no_priorities(cls, value: int) -> int:
+        if value != 0:
+            raise ValueError("priority scheduling is not supported: send priority 0 or leave it out.")
+        return value
 
     @model_validator(mode="before")
     @classmethod

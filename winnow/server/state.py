@@ -26,7 +26,7 @@ from winnow.engine.builder import EngineConfig, load_engine
 from winnow.engine.request import Request
 from winnow.inputs.prompts import InputProcessor, TokenizedPrompt
 from winnow.params import PoolingParams
-from winnow.server.errors import ModelNotFoundError, NotReadyError, TooManyRequestsError
+from winnow.server.errors import ClientDisconnectedError, ModelNotFoundError, NotReadyError, TooManyRequestsError
 from winnow.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ class ServerSettings:
     enable_docs: bool = True
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; its queued work was dropped."""
-
-
 class ServerState:
     def __init__(self, config: EngineConfig, inputs: InputProcessor, settings: ServerSettings) -> None:
         self.config = config
@@ -59,6 +55,7 @@ class ServerState:
         self.shutting_down = False
         self.started = int(time.time())
         self._in_flight = 0
+        self._warned: set[str] = set()
         self.metrics.queue_depth.set_function(self._queue_depth)
 
     @property
@@ -99,10 +96,15 @@ class ServerState:
     def _queue_depth(self) -> float:
         return float(self.engine.core.scheduler.num_waiting) if self.engine is not None else 0.0
 
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("%s", message)
+
     # -- checks --------------------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.settings.served_model_names:
+        if name and name not in self.settings.served_model_names:  # None or "": the default model
             raise ModelNotFoundError(f"The model `{name}` does not exist.", param="model")
 
     def check_api_key(self, authorization: str | None) -> bool:
@@ -168,7 +170,7 @@ async def _until_disconnected(http: HTTPRequest, work: Coroutine[Any, Any, _T]) 
     if task in done:
         return task.result()
     task.cancel()  # AsyncEngine.run aborts the still-waiting requests
-    raise ClientDisconnected()
+    raise ClientDisconnectedError("The client disconnected before its answer was ready.")
 
 
 async def _wait_for_disconnect(http: HTTPRequest) -> None:

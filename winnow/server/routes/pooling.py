@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 
-from winnow.errors import InvalidInputError
+from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.params import PoolingParams, check_task
 from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
 from winnow.server.serving import get_state, list_body, prompts_of, tokenize_body, truncation_of
@@ -39,6 +39,10 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         raise InvalidInputError("dimensions is currently not supported", param="dimensions")
     config = state.model_config
     task = check_task(body.task) if body.task is not None else config.task
+    if task not in config.supported_tasks:  # vLLM's online wording, before check_task's offline advice
+        raise UnsupportedTaskError(
+            f"Unsupported task: {task!r} Supported tasks: {config.supported_tasks}", param="task"
+        )
     config.check_task(task)
     params = config.bind_params(PoolingParams(use_activation=body.use_activation_value()), task)
     async with state.admission():

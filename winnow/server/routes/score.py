@@ -7,7 +7,6 @@ else's under the token budget and reassembled in order.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,6 @@ from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, 
 from winnow.server.serving import get_state, list_body, truncation_of
 from winnow.server.state import ServerState, response_id
 
-logger = logging.getLogger(__name__)
 router = APIRouter(tags=["scoring"])
 
 
@@ -34,12 +32,12 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
     scores, plan = await _run_scores(state, http, body, queries, documents)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     rid, model = response_id("score", http, body.request_id), body.model or state.served_name
-    return JSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in plan.prompts)))
+    return JSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
 
 
 @router.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
 async def score_v1(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
-    logger.warning("/v1/score is deprecated; use /score.")
+    get_state(http).warn_once("/v1/score is deprecated; use /score.")
     return await score(body, http)
 
 
@@ -64,7 +62,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
         }
         for i in order
     ]
-    num_tokens = sum(len(p.token_ids) for p in plan.prompts)
+    num_tokens = plan.num_usage_tokens
     return JSONResponse(
         {
             "id": response_id("score", http, body.request_id),
@@ -77,7 +75,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
 
 @router.post("/v1/rerank", response_model=RerankResponse, include_in_schema=False)
 async def rerank_v1(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
-    logger.warning("/v1/rerank is kept for compatibility; use /rerank.")
+    get_state(http).warn_once("/v1/rerank is kept for compatibility; use /rerank.")
     return await rerank(body, http)
 
 

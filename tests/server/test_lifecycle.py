@@ -1,0 +1,187 @@
+"""Readiness, client disconnects and engine failures.
+
+The app routes and tokenizes from start-up while the weights load in the background: until the
+engine is loaded (or after loading failed) inference and /health answer 503 and /tokenize works.
+A client that leaves while its prompts wait in the queue has them dropped before they cost compute.
+A crashing batch fails only its own request (500, no internals); a dead engine turns /health 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+
+import pytest
+
+from tests.server.conftest import (
+    TIMEOUT,
+    assert_close,
+    assert_error,
+    engine_gate,
+    in_background,
+    live_server,
+    make_state,
+    serving,
+    wait_until,
+)
+from tests.tiny_models import PROMPTS
+from winnow.server.state import ServerState
+
+
+class HeldLoad(ServerState):
+    """Loads the weights only once the test sets ``go``."""
+
+    go: threading.Event
+
+    async def load(self, on_fatal=None) -> None:
+        await asyncio.to_thread(self.go.wait, TIMEOUT)
+        await super().load(on_fatal)
+
+
+def test_inference_waits_for_the_model(classifier_path, classifier_llm):
+    state = make_state(classifier_path, state_class=HeldLoad)
+    state.go = threading.Event()
+    try:
+        with serving(state, classifier_path, ready=False) as live:
+            assert_error(live.get("/health"), 503, "ServiceUnavailableError", "still loading")
+            assert_error(live.get("/ping"), 503, "ServiceUnavailableError", "still loading")
+            assert_error(live.post("/classify", {"input": "hello"}), 503, "ServiceUnavailableError", "still loading")
+            assert_error(live.post("/pooling", {"input": "hello"}), 503, "ServiceUnavailableError")
+            # What needs only the config and tokenizer works at once.
+            assert live.ok("/tokenize", {"prompt": "hello"})["count"] == 3
+            assert live.get("/v1/models").status_code == 200
+            assert live.get("/metrics").status_code == 200
+            assert live.post("/classify", {"input": "hello", "model": "x"}).status_code == 404
+            state.go.set()
+            wait_until(lambda: live.get("/health").status_code == 200, "/health 200 after loading")
+            [expected] = classifier_llm.classify("hello", use_tqdm=False)
+            assert_close(live.ok("/classify", {"input": "hello"})["data"][0]["probs"], expected.outputs.probs)
+    finally:
+        state.go.set()
+
+
+def test_failed_load_answers_503(classifier_path, tmp_path):
+    """The weights vanish between prepare_engine and loading: 503 with the reason, tokenizer still up."""
+    folder = tmp_path / "copy"
+    shutil.copytree(classifier_path, folder)
+    state = make_state(folder)
+    (folder / "model.safetensors").unlink()
+    with serving(state, folder, ready=False) as live:
+        wait_until(lambda: state.load_error is not None, "the load to fail")
+        for response in (live.get("/health"), live.post("/classify", {"input": "hello"})):
+            assert_error(response, 503, "ServiceUnavailableError", "The model failed to load")
+        assert_error(live.post("/pooling", {"input": "hello"}), 503, "ServiceUnavailableError")
+        assert live.ok("/tokenize", {"prompt": "hello"})["count"] == 3
+        assert live.ok("/detokenize", {"tokens": [5]})["prompt"]
+
+
+def test_failed_load_calls_on_fatal(classifier_path, tmp_path):
+    """create_app's on_fatal hook (the CLI stops the server with it) runs once when loading fails."""
+    from winnow.server.app import create_app
+
+    folder = tmp_path / "copy"
+    shutil.copytree(classifier_path, folder)
+    state = make_state(folder)
+    (folder / "model.safetensors").unlink()
+    calls: list[int] = []
+    app = create_app(state, on_fatal=lambda: calls.append(1))
+
+    async def lifespan() -> None:
+        async with app.router.lifespan_context(app):
+            while state.load_error is None:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(lifespan(), TIMEOUT))
+    assert calls == [1]
+
+
+# -- client disconnect ---------------------------------------------------------------------------------
+
+
+def _raw_post(url: str, route: str, body: dict) -> socket.socket:
+    """Send a complete HTTP request on a raw socket and return it unread, so the test decides when to hang up."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    sock.sendall(head + payload)
+    return sock
+
+
+def _leave_while_queued(live, route: str, body: dict) -> float:
+    """Queue ``body`` behind a parked batch, hang up, wait until its prompts are dropped, then let the
+    engine go. Returns winnow_prompt_tokens_total from before the request was sent."""
+    with engine_gate(live) as gate, in_background(lambda: live.post("/classify", {"input": "hello"})) as plug:
+        gate.wait_parked()  # the engine is busy with the plug: the next request waits in the queue
+        tokens_before = live.metric("winnow_prompt_tokens_total")
+        sock = _raw_post(live.url, route, body)
+        wait_until(lambda: gate.num_waiting == len(body["input"]), "the request to be queued")
+        assert live.metric("winnow_queue_depth") == len(body["input"])
+        sock.close()
+        wait_until(lambda: gate.num_waiting == 0, "the queued prompts to be dropped")
+        gate.release()
+        assert plug().status_code == 200
+    wait_until(lambda: live.metric("winnow_requests_in_flight") == 0, "the in-flight gauge to drop")
+    return tokens_before
+
+
+@pytest.mark.parametrize("route", ["/classify", "/pooling"])
+def test_disconnected_client_work_is_dropped(classifier, route):
+    tokens_before = _leave_while_queued(classifier, route, {"input": PROMPTS * 5})
+    assert classifier.metric("winnow_prompt_tokens_total") == tokens_before  # none of its prompts ran
+    classifier.assert_serving()
+
+
+def test_disconnect_is_not_a_server_error(classifier):
+    errors_before = classifier.metric("winnow_requests_total", status="500")
+    _leave_while_queued(classifier, "/classify", {"input": PROMPTS * 2})
+    assert classifier.metric("winnow_requests_total", status="500") == errors_before
+
+
+# -- engine failures -------------------------------------------------------------------------------------
+
+POISON = [2, 77, 77, 77, 77, 77, 77, 77, 3]  # a token-id prompt the broken runner below refuses
+
+
+def test_a_failing_batch_fails_only_its_request(classifier_path):
+    """A crash inside the model is a 500 without internals; the engine and other requests carry on."""
+    with live_server(classifier_path, engine={"max_num_seqs": 1}) as live:
+        runner = live.state.engine.core.runner
+        real_execute = runner.execute
+
+        def execute(requests):
+            if any(list(r.prompt.token_ids) == POISON for r in requests):
+                raise RuntimeError("kernel exploded at /secret/path")
+            return real_execute(requests)
+
+        runner.execute = execute
+        hello = live.ok("/tokenize", {"prompt": "hello"})["tokens"]
+        response = live.post("/classify", {"input": [hello, POISON]})
+        error = assert_error(response, 500, "InternalServerError")
+        assert error["message"] == "Internal server error."
+        assert live.ok("/classify", {"input": PROMPTS[:3]})["data"]
+        live.assert_serving()
+
+
+def test_a_dead_engine_is_reported(classifier_path):
+    """The engine thread dies: requests fail fast with 500 (as in vLLM; no internals in the message)
+    and /health turns 503 so an orchestrator replaces the server."""
+    with live_server(classifier_path) as live:
+        core = live.state.engine.core
+
+        def schedule():
+            raise RuntimeError("scheduler crashed")
+
+        core.schedule = schedule
+        first = live.post("/classify", {"input": "hello"})
+        assert_error(first, 500, "InternalServerError")
+        assert "scheduler crashed" not in first.text
+        wait_until(lambda: live.get("/health").status_code == 503, "/health 503")
+        assert_error(live.post("/classify", {"input": "hello"}), 500, "InternalServerError")
+        assert live.ok("/tokenize", {"prompt": "hello"})["count"] == 3
