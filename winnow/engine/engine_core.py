@@ -24,14 +24,9 @@ class StepStats:
     num_seqs: int
     num_tokens: int
     max_seqlen: int
+    padding_fraction: float = 0.0  # share of attention work spent on padding (dense layers never see any)
     queue_seconds: tuple[float, ...] = ()  # per request: batch start minus arrival_time
     run_seconds: float = 0.0  # forward pass + pooling + copy to host
-
-    @property
-    def padding_fraction(self) -> float:
-        """Share of attention's padded grid that is padding (dense layers never see padding)."""
-        grid = self.num_seqs * self.max_seqlen
-        return 1.0 - self.num_tokens / grid if grid else 0.0
 
 
 class EngineCore:
@@ -60,7 +55,8 @@ class EngineCore:
         if self.on_step is not None:
             lens = [r.num_tokens for r in requests]
             queued = tuple(max(0.0, started - r.arrival_time) for r in requests)
-            self.on_step(StepStats(len(lens), sum(lens), max(lens), queued, time.monotonic() - started))
+            padding = self.runner.padding_fraction(lens)
+            self.on_step(StepStats(len(lens), sum(lens), max(lens), padding, queued, time.monotonic() - started))
         return outputs
 
     def warmup(self) -> None:

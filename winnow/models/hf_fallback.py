@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from winnow.errors import ModelLoadError
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, build_batch
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
@@ -88,21 +88,17 @@ class HFFallbackModel(nn.Module):
 
 
 def _grid_index(batch: Batch) -> torch.Tensor:
-    if batch.pad_index is not None:
-        return batch.pad_index
-    return torch.arange(batch.num_tokens, device=batch.input_ids.device)
+    """[num_tokens] row of each token in a right-padded [num_seqs, max_seqlen] grid."""
+    device = batch.input_ids.device
+    lens = torch.tensor(batch.seq_lens, device=device)
+    seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device), lens)
+    return seq_of_token * batch.max_seqlen + batch.positions
 
 
 def _single(batch: Batch, i: int) -> Batch:
     start, n = int(batch.cu_seqlens[i]), batch.seq_lens[i]
     sl = slice(start, start + n)
-    return Batch(
-        input_ids=batch.input_ids[sl],
-        positions=batch.positions[sl],
-        token_type_ids=None if batch.token_type_ids is None else batch.token_type_ids[sl],
-        cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=batch.input_ids.device),
-        seq_lens=(n,),
-        max_seqlen=n,
-        pad_index=None,
-        attn_mask=None,
+    types = None if batch.token_type_ids is None else batch.token_type_ids[sl]
+    return build_batch(
+        [batch.input_ids[sl].tolist()], [None if types is None else types.tolist()], batch.input_ids.device
     )

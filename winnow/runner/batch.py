@@ -2,8 +2,10 @@
 
 Tokens of all sequences are concatenated into one ``[num_tokens]`` stream, so every linear layer,
 norm and activation runs on exactly the real tokens. Attention is the only op that needs to know
-where sequences start: a varlen kernel reads ``cu_seqlens``; the padded SDPA path scatters rows
-into a ``[num_seqs, max_seqlen]`` grid using ``pad_index`` and masks keys with ``attn_mask``.
+where sequences start. Sequences of similar length form ``AttentionGroup``s; each group is one
+padded SDPA call over its own ``[num_seqs, max_len]`` grid, so a batch mixing 10- and 250-token
+prompts does not pay 250² attention for every short prompt. (The runner sorts a batch by length
+first, so groups are runs of neighbours.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ import torch
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Consecutive sequences that share one attention call, padded to the longest of them."""
+
+    token_start: int  # the group's tokens are [token_start, token_end) of the packed stream
+    token_end: int
+    num_seqs: int
+    max_len: int
+    pad_index: (
+        torch.Tensor | None
+    )  # [group tokens] row of each token in the [num_seqs * max_len] grid; None: no padding
+    attn_mask: torch.Tensor | None  # [num_seqs, 1, 1, max_len] bool, True where a key is a real token
+
+
+@dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [num_tokens] int64, all sequences concatenated
     positions: torch.Tensor  # [num_tokens] int64, 0-based position of each token in its sequence
@@ -22,9 +38,7 @@ class Batch:
     cu_seqlens: torch.Tensor  # [num_seqs + 1] int32, cu_seqlens[i] = first token of sequence i
     seq_lens: tuple[int, ...]  # host copy of the lengths, for splitting outputs without a device sync
     max_seqlen: int
-    # Padded-attention view (None when all sequences have the same length: a plain reshape does).
-    pad_index: torch.Tensor | None  # [num_tokens] int64, row of each token in the [num_seqs * max_seqlen] grid
-    attn_mask: torch.Tensor | None  # [num_seqs, 1, 1, max_seqlen] bool, True where a key is a real token
+    attn_groups: tuple[AttentionGroup, ...]
 
     @property
     def num_seqs(self) -> int:
@@ -44,18 +58,45 @@ class Batch:
         """[num_seqs] index of each sequence's last token in the packed stream."""
         return self.cu_seqlens[1:].long() - 1
 
+    @property
+    def attention_cells(self) -> int:
+        """Query-key pairs attention computes, padding included (sum over groups of num_seqs * max_len²)."""
+        return sum(g.num_seqs * g.max_len**2 for g in self.attn_groups)
+
+
+def group_by_length(seq_lens: np.ndarray, overhead: float | None) -> list[tuple[int, int]]:
+    """Split consecutive sequences into attention groups: [(first seq, end seq), ...].
+
+    Greedy: a sequence joins the current group while the padding it adds for the members already
+    there (count * (n² - max²), in query-key pairs) costs no more than one extra attention call
+    (``overhead``, in the same units). ``overhead=None`` keeps the whole batch in one group.
+    """
+    if overhead is None or len(seq_lens) <= 1:
+        return [(0, len(seq_lens))]
+    groups, start, group_max = [], 0, int(seq_lens[0])
+    for i in range(1, len(seq_lens)):
+        n = int(seq_lens[i])
+        grown = max(n, group_max)
+        # cost of admitting n: the group's grid grows from count*max² to (count+1)*grown²; apart it pays n² + overhead
+        if (i - start + 1) * grown**2 - (i - start) * group_max**2 <= n**2 + overhead:
+            group_max = grown
+        else:
+            groups.append((start, i))
+            start, group_max = i, n
+    groups.append((start, len(seq_lens)))
+    return groups
+
 
 def build_batch(
     token_ids: list[list[int]],
     token_type_ids: list[list[int] | None],
     device: torch.device,
     *,
-    needs_padded_view: bool,
+    group_overhead: float | None = None,
 ) -> Batch:
     """Pack sequences into a ``Batch`` on ``device`` (host work in numpy, one copy per tensor)."""
     seq_lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
     num_tokens = int(seq_lens.sum())
-    max_seqlen = int(seq_lens.max())
     starts = np.zeros(len(seq_lens) + 1, dtype=np.int64)
     np.cumsum(seq_lens, out=starts[1:])
     # [num_tokens] position within the sequence: global index minus the sequence's start.
@@ -70,22 +111,36 @@ def build_batch(
                 types_np[start : start + len(tt)] = tt
         types = torch.from_numpy(types_np).to(device, non_blocking=True)
 
-    pad_index = attn_mask = None
-    uniform = bool((seq_lens == max_seqlen).all())
-    if needs_padded_view and not uniform:
-        seq_of_token = np.repeat(np.arange(len(seq_lens), dtype=np.int64), seq_lens)
-        pad_index = torch.from_numpy(seq_of_token * max_seqlen + positions).to(device, non_blocking=True)
-        # [num_seqs, max_seqlen] -> [num_seqs, 1, 1, max_seqlen]: broadcast over heads and queries.
-        mask = np.arange(max_seqlen)[None, :] < seq_lens[:, None]
-        attn_mask = torch.from_numpy(mask).to(device, non_blocking=True)[:, None, None, :]
-
+    groups = tuple(
+        _attention_group(seq_lens[a:b], int(starts[a]), int(starts[b]), positions, device)
+        for a, b in group_by_length(seq_lens, group_overhead)
+    )
     return Batch(
         input_ids=torch.from_numpy(ids).to(device, non_blocking=True),
         positions=torch.from_numpy(positions).to(device, non_blocking=True),
         token_type_ids=types,
         cu_seqlens=torch.from_numpy(starts.astype(np.int32)).to(device, non_blocking=True),
         seq_lens=tuple(int(n) for n in seq_lens),
-        max_seqlen=max_seqlen,
-        pad_index=pad_index,
-        attn_mask=attn_mask,
+        max_seqlen=int(seq_lens.max()),
+        attn_groups=groups,
+    )
+
+
+def _attention_group(
+    lens: np.ndarray, token_start: int, token_end: int, positions: np.ndarray, device: torch.device
+) -> AttentionGroup:
+    max_len = int(lens.max())
+    if bool((lens == max_len).all()):  # no padding: the packed rows already are the grid
+        return AttentionGroup(token_start, token_end, len(lens), max_len, None, None)
+    seq_of_token = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    pad_index = seq_of_token * max_len + positions[token_start:token_end]
+    # [num_seqs, max_len] -> [num_seqs, 1, 1, max_len]: broadcast over heads and queries.
+    mask = np.arange(max_len)[None, :] < lens[:, None]
+    return AttentionGroup(
+        token_start,
+        token_end,
+        len(lens),
+        max_len,
+        torch.from_numpy(pad_index).to(device, non_blocking=True),
+        torch.from_numpy(mask).to(device, non_blocking=True)[:, None, None, :],
     )
