@@ -1,13 +1,18 @@
-"""Bidirectional self-attention over a packed batch.
+"""Self-attention over a packed batch: bidirectional or causal, multi-head or grouped-query,
+full or sliding-window, with optional logit soft-capping.
 
-The only layer that needs sequence boundaries. Input is the fused ``[num_tokens, 3 * hidden]``
-projection; output ``[num_tokens, hidden]``. Each attention group of the batch (sequences of
-similar length, see ``runner/batch.py``) is scattered into its own padded grid for torch's SDPA
-(which picks its fused CPU/GPU kernel) and gathered back, so padding costs attention work only,
-never dense-layer work, and only within a group of similar lengths.
+The only layer that needs sequence boundaries. Queries, keys and values arrive packed
+(``[num_tokens, heads * head_dim]``, already position-encoded); each attention group of the batch
+(sequences of similar length, see ``runner/batch.py``) is scattered into its own right-padded grid,
+attended, and gathered back, so padding costs attention work only, and only within a group.
+torch's SDPA (its fused CPU/GPU kernels) runs every case it can express; soft-capping needs the
+explicit formula. Models with their own attention scores (DeBERTa's relative positions) reuse
+``to_grid`` / ``from_grid`` / ``key_mask``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,31 +20,109 @@ import torch.nn.functional as F
 from winnow.runner.batch import AttentionGroup, Batch
 
 
-def packed_attention(qkv: torch.Tensor, batch: Batch, num_heads: int) -> torch.Tensor:
-    """Self-attention of each sequence over its own tokens. ``qkv``: [num_tokens, 3 * hidden]."""
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends. ``window``: a token sees keys at most ``window`` positions away
+    (before it only, when causal). ``softcap``: scores become ``softcap * tanh(scores / softcap)``."""
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None  # None: same as num_heads
+    causal: bool = False
+    scale: float | None = None  # None: 1 / sqrt(head_dim)
+    window: int | None = None
+    softcap: float | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, spec: AttentionSpec
+) -> torch.Tensor:
+    """``q``: [num_tokens, heads * head_dim]; ``k``, ``v``: [num_tokens, kv_heads * head_dim] -> like ``q``."""
     groups = batch.attn_groups
     if len(groups) == 1:
-        return _group_attention(qkv, groups[0], num_heads)
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[1] // 3)  # [num_tokens, hidden]
+        return _group_attention(q, k, v, groups[0], spec)
+    out = q.new_empty(q.shape)
     for group in groups:
         rows = slice(group.token_start, group.token_end)
-        out[rows] = _group_attention(qkv[rows], group, num_heads)
+        out[rows] = _group_attention(q[rows], k[rows], v[rows], group, spec)
     return out
 
 
-def _group_attention(qkv: torch.Tensor, group: AttentionGroup, num_heads: int) -> torch.Tensor:
-    """``qkv``: [group tokens, 3 * hidden] -> [group tokens, hidden]."""
-    three_hidden = qkv.shape[1]
-    hidden = three_hidden // 3
-    num_seqs, max_len = group.num_seqs, group.max_len
+def fused_qkv_attention(qkv: torch.Tensor, batch: Batch, num_heads: int) -> torch.Tensor:
+    """Bidirectional multi-head attention from one fused projection ``[num_tokens, 3 * hidden]``."""
+    hidden = qkv.shape[1] // 3
+    q, k, v = qkv.split(hidden, dim=1)  # views, no copy
+    return packed_attention(q, k, v, batch, AttentionSpec(num_heads=num_heads, head_dim=hidden // num_heads))
+
+
+def to_grid(rows: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[group tokens, ...] -> [num_seqs, max_len, ...], zero-padded on the right."""
     if group.pad_index is None:
-        grid = qkv  # every sequence has max_len tokens: the rows already are the grid
+        return rows.reshape(group.num_seqs, group.max_len, *rows.shape[1:])
+    grid = rows.new_zeros(group.num_seqs * group.max_len, *rows.shape[1:])
+    grid.index_copy_(0, group.pad_index, rows)
+    return grid.view(group.num_seqs, group.max_len, *rows.shape[1:])
+
+
+def from_grid(grid: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[num_seqs, max_len, ...] -> [group tokens, ...], dropping the padding."""
+    flat = grid.reshape(group.num_seqs * group.max_len, *grid.shape[2:])
+    return flat if group.pad_index is None else flat.index_select(0, group.pad_index)
+
+
+def key_mask(group: AttentionGroup, spec: AttentionSpec | None = None) -> torch.Tensor | None:
+    """Bool mask, True where a query may attend a key: [num_seqs or 1, 1, max_len (or 1), max_len], or None.
+
+    Padding keys are masked; ``spec`` adds the causal triangle and the sliding window.
+    """
+    mask = group.attn_mask  # [num_seqs, 1, 1, max_len] or None
+    if spec is None or not (spec.causal or spec.window is not None):
+        return mask
+    positions = torch.arange(group.max_len, device=group.device)
+    distance = positions[:, None] - positions[None, :]  # [query, key]: query position minus key position
+    allowed = torch.ones_like(distance, dtype=torch.bool)
+    if spec.causal:
+        allowed &= distance >= 0
+    if spec.window is not None:
+        allowed &= distance.abs() <= spec.window
+    band = allowed[None, None]  # [1, 1, max_len, max_len]
+    return band if mask is None else band & mask
+
+
+def _group_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: AttentionGroup, spec: AttentionSpec
+) -> torch.Tensor:
+    """Packed rows of one group -> packed rows of the attention output."""
+    heads, kv_heads, dim = spec.num_heads, spec.kv_heads, spec.head_dim
+    # [group tokens, heads * dim] -> [num_seqs, heads, max_len, dim]
+    qg = to_grid(q, group).unflatten(-1, (heads, dim)).transpose(1, 2)
+    kg = to_grid(k, group).unflatten(-1, (kv_heads, dim)).transpose(1, 2)
+    vg = to_grid(v, group).unflatten(-1, (kv_heads, dim)).transpose(1, 2)
+    if kv_heads != heads:  # grouped-query attention: each key/value head serves heads // kv_heads queries
+        kg = kg.repeat_interleave(heads // kv_heads, dim=1)
+        vg = vg.repeat_interleave(heads // kv_heads, dim=1)
+    if spec.softcap is not None:
+        out = _softcapped(qg, kg, vg, key_mask(group, spec), spec)
+    elif spec.causal and spec.window is None:
+        # Right padding: a real query's causal keys are all real, so the triangle alone is exact.
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=spec.scale)
     else:
-        grid = qkv.new_zeros(num_seqs * max_len, three_hidden)
-        grid.index_copy_(0, group.pad_index, qkv)
-    # [num_seqs * max_len, 3 * hidden] -> 3 x [num_seqs, num_heads, max_len, head_dim]
-    q, k, v = grid.view(num_seqs, max_len, 3, num_heads, hidden // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.attn_mask)
-    # [num_seqs, num_heads, max_len, head_dim] -> [num_seqs * max_len, hidden]
-    out = out.transpose(1, 2).reshape(num_seqs * max_len, hidden)
-    return out if group.pad_index is None else out.index_select(0, group.pad_index)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_mask(group, spec), scale=spec.scale)
+    # [num_seqs, heads, max_len, dim] -> [group tokens, heads * dim]
+    return from_grid(out.transpose(1, 2).flatten(2), group)
+
+
+def _softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, spec: AttentionSpec
+) -> torch.Tensor:
+    scale = spec.scale if spec.scale is not None else spec.head_dim**-0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [num_seqs, heads, max_len, max_len]
+    assert spec.softcap is not None
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

@@ -15,7 +15,7 @@ from torch import nn
 
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
-from winnow.layers.attention import packed_attention
+from winnow.layers.attention import fused_qkv_attention
 from winnow.runner.batch import Batch
 
 
@@ -56,7 +56,7 @@ class BertSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return packed_attention(self.qkv_proj(x), batch, self.num_heads)
+        return fused_qkv_attention(self.qkv_proj(x), batch, self.num_heads)
 
 
 class BertSelfOutput(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
-from winnow.layers.attention import packed_attention
+from winnow.layers.attention import fused_qkv_attention
 from winnow.runner.batch import Batch
 
 _LN_EPS = 1e-12
@@ -39,7 +39,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.out_lin = nn.Linear(config.dim, config.dim)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.out_lin(packed_attention(self.qkv_proj(x), batch, self.n_heads))
+        return self.out_lin(fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads))
 
 
 class FFN(nn.Module):

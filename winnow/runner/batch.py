@@ -24,6 +24,7 @@ class AttentionGroup:
     token_end: int
     num_seqs: int
     max_len: int
+    device: torch.device
     pad_index: (
         torch.Tensor | None
     )  # [group tokens] row of each token in the [num_seqs * max_len] grid; None: no padding
@@ -131,7 +132,7 @@ def _attention_group(
 ) -> AttentionGroup:
     max_len = int(lens.max())
     if bool((lens == max_len).all()):  # no padding: the packed rows already are the grid
-        return AttentionGroup(token_start, token_end, len(lens), max_len, None, None)
+        return AttentionGroup(token_start, token_end, len(lens), max_len, device, None, None)
     seq_of_token = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
     pad_index = seq_of_token * max_len + positions[token_start:token_end]
     # [num_seqs, max_len] -> [num_seqs, 1, 1, max_len]: broadcast over heads and queries.
@@ -141,6 +142,7 @@ def _attention_group(
         token_end,
         len(lens),
         max_len,
+        device,
         torch.from_numpy(pad_index).to(device, non_blocking=True),
         torch.from_numpy(mask).to(device, non_blocking=True)[:, None, None, :],
     )
