@@ -121,9 +121,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "xlm-roberta": {"config": "XLMRobertaConfig", "prefix": "XLMRoberta", "tokenizer": "roberta"},
     "electra": {"config": "ElectraConfig", "prefix": "Electra", "tokenizer": "bert"},
     "distilbert": {"config": "DistilBertConfig", "prefix": "DistilBert", "tokenizer": "bert"},
-    # Fallback families (no native implementation in winnow).
+    "gpt2": {"config": "GPT2Config", "prefix": "GPT2", "tokenizer": "bert", "no_pad": True},
+    # Fallback families (no native implementation in winnow). GPT-Neo: a decoder without a pad token.
     "albert": {"config": "AlbertConfig", "prefix": "Albert", "tokenizer": "bert"},
-    "gpt2": {"config": "GPT2Config", "prefix": "GPT2", "tokenizer": "bert"},
+    "gpt-neo": {"config": "GPTNeoConfig", "prefix": "GPTNeo", "tokenizer": "bert", "no_pad": True},
 }
 _HEADS = {"seq": "ForSequenceClassification", "tok": "ForTokenClassification", "base": "Model"}
 
@@ -136,6 +137,18 @@ def _config(family: str, vocab_size: int, pad_token_id: int, num_labels: int, ex
         base = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4, "max_position_embeddings": 64}
     elif family == "gpt2":
         base = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "bos_token_id": 2, "eos_token_id": 3}
+    elif family == "gpt-neo":
+        # One global and one local (window 8) attention layer.
+        base = {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 4,
+            "attention_types": [[["global", "local"], 1]],
+            "window_size": 8,
+            "max_position_embeddings": 64,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        }
     else:
         base = {
             "hidden_size": 32,
@@ -171,9 +184,10 @@ def build_model(
     folder = root / f"{family}-{head}-{num_labels}-{seed}-{abs(hash(json.dumps(config_extra, sort_keys=True)))}"
     folder.mkdir(parents=True, exist_ok=False)
     tok = _bert_tokenizer(folder) if fam["tokenizer"] == "bert" else _roberta_tokenizer(folder)
-    pad = tok.pad_token_id if family != "gpt2" else None
+    no_pad = fam.get("no_pad", False)
+    pad = None if no_pad else tok.pad_token_id
     config = _config(family, len(tok), pad if pad is not None else 0, num_labels, config_extra or {})
-    if family == "gpt2":
+    if no_pad:
         config.pad_token_id = None
     arch = fam["prefix"] + _HEADS[head]
     config.architectures = [arch]

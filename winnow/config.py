@@ -15,6 +15,7 @@ import torch
 
 from winnow.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedTaskError
 from winnow.layers.pooling import Activation, PoolerSpec
+from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
 from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, PoolingType
 
@@ -213,6 +214,7 @@ class ModelConfig:
     is_matryoshka: bool
     hidden_size: int
     tokenizer_gives_token_types: bool  # the tokenizer returns token_type_ids (the fallback passes them on)
+    token_score_head: TokenScoreHead | None = None  # classifier built from LM-head rows (spec §4.2)
     trust_remote_code: bool = False
 
     @property
@@ -284,9 +286,14 @@ class ModelConfig:
         tokenizer_max_length: int | None,
         tokenizer_vocab_size: int,
         tokenizer_input_names: tuple[str, ...] = ("input_ids", "attention_mask"),
+        token_to_id: Callable[[str], int | None] | None = None,
         trust_remote_code: bool = False,
     ) -> ModelConfig:
         pc = pooler_config or PoolerConfig()
+        token_head = _token_score_head(hf_config, token_to_id) if entry.kind == "sequence_classifier" else None
+        if token_head is not None:
+            # The classifier is made of LM-head rows: the model's label count follows from them.
+            hf_config.num_labels = token_head.num_labels
         st = SentenceTransformersInfo.read(path)
         supported = _supported_tasks(entry)
         task = _active_task(pc.task, supported, entry.architecture)
@@ -305,7 +312,7 @@ class ModelConfig:
         if default_act is None:
             default_act = st.normalize if (entry.kind == "encoder" and st.normalize is not None) else True
         spec = PoolerSpec(
-            seq_pooling=pc.seq_pooling_type or st.pooling or entry.default_seq_pooling,
+            seq_pooling=_seq_pooling(entry, hf_config, pc, st),
             tok_pooling=pc.tok_pooling_type or PoolingType.ALL,
             activation=resolve_activation(hf_config),
             use_activation=default_act,
@@ -331,14 +338,70 @@ class ModelConfig:
             id2label=id2label if num_labels else {},
             vocab_size=int(getattr(hf_config, "vocab_size", 0) or tokenizer_vocab_size),
             do_lower_case=st.do_lower_case,
-            use_sep_token=bool(getattr(hf_config, "use_sep_token", getattr(hf_config, "use_pad_token", True))),
+            # LLM rerankers read "query + document" as one text; encoders get the tokenizer's pair encoding.
+            use_sep_token=bool(
+                getattr(hf_config, "use_sep_token", getattr(hf_config, "use_pad_token", token_head is None))
+            ),
             is_matryoshka=bool(
                 getattr(hf_config, "is_matryoshka", False) or getattr(hf_config, "matryoshka_dimensions", None)
             ),
             hidden_size=int(getattr(hf_config, "hidden_size", None) or getattr(hf_config, "dim", None) or 0),
             tokenizer_gives_token_types="token_type_ids" in tokenizer_input_names,
+            token_score_head=token_head,
             trust_remote_code=trust_remote_code,
         )
+
+
+def _seq_pooling(entry: ModelEntry, hf_config: Any, pc: PoolerConfig, st: SentenceTransformersInfo) -> PoolingType:
+    """User choice, then sentence-transformers, then the architecture's default; some architectures
+    define their pooling themselves (ModernBERT's classifier_pooling) and keep it."""
+    model_class = entry.load_class() if entry.is_native else None
+    default = entry.default_seq_pooling
+    if model_class is not None and hasattr(model_class, "default_pooling"):
+        default = model_class.default_pooling(hf_config)
+    if model_class is not None and getattr(model_class, "pooling_is_fixed", False) and entry.kind != "encoder":
+        if pc.seq_pooling_type not in (None, default):
+            logger.warning(
+                "%s pools with %s by its config; ignoring seq_pooling_type=%s.",
+                entry.architecture,
+                default.value,
+                pc.seq_pooling_type.value,
+            )
+        return default
+    return pc.seq_pooling_type or st.pooling or default
+
+
+def _token_score_head(hf_config: Any, token_to_id: Callable[[str], int | None] | None) -> TokenScoreHead | None:
+    """``classifier_from_token`` + ``method`` (or ``is_original_qwen3_reranker``) from the HF config."""
+    tokens = getattr(hf_config, "classifier_from_token", None)
+    if not tokens:
+        return None
+    method = getattr(hf_config, "method", None)
+    if getattr(hf_config, "is_original_qwen3_reranker", False):
+        if len(tokens) != 2:
+            raise ConfigError("is_original_qwen3_reranker needs exactly two classifier_from_token entries.")
+        method = "from_2_way_softmax"
+    if method not in ("from_2_way_softmax", "no_post_processing"):
+        raise ConfigError(
+            f"classifier_from_token needs method 'from_2_way_softmax' or 'no_post_processing', got {method!r}."
+        )
+    if method == "from_2_way_softmax" and len(tokens) != 2:
+        raise ConfigError("method 'from_2_way_softmax' needs exactly two tokens: [false_token, true_token].")
+    if getattr(hf_config, "final_logit_softcapping", None):
+        # Soft-capped LM logits are not linear in the hidden state: rows of the LM head cannot reproduce them.
+        raise ConfigError(
+            "classifier_from_token cannot be used with final_logit_softcapping (Gemma2): the capped token logits "
+            "are not a linear classifier. Use a converted *ForSequenceClassification checkpoint."
+        )
+    if token_to_id is None:
+        raise ConfigError("classifier_from_token needs the model's tokenizer.")
+    ids = [token_to_id(str(t)) for t in tokens]
+    missing = [t for t, i in zip(tokens, ids) if i is None]
+    if missing:
+        raise ConfigError(
+            f"classifier_from_token {missing} are not tokens of this tokenizer (they are case-sensitive)."
+        )
+    return TokenScoreHead(tuple(int(i) for i in ids if i is not None), method)
 
 
 def _supported_tasks(entry: ModelEntry) -> tuple[PoolingTask, ...]:

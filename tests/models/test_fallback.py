@@ -1,7 +1,7 @@
-"""The transformers fallback: architectures without a native implementation (ALBERT, GPT-2 here).
+"""The transformers fallback: architectures without a native implementation (ALBERT, GPT-Neo here).
 
 winnow unpacks its packed batch into a padded one for transformers and packs the outputs again, so
-results must equal transformers run on each prompt alone, for a batch of mixed lengths. GPT-2 has no
+results must equal transformers run on each prompt alone, for a batch of mixed lengths. GPT-Neo has no
 pad token, so the fallback runs its rows one at a time. The fallback is announced with one warning
 and refuses what it cannot do (per-token classification with a sequence head, generative models).
 """
@@ -72,10 +72,11 @@ def test_albert_token_classifier_matches_transformers(make_model, make_llm, hf_r
         torch.testing.assert_close(got_probs.outputs.data, torch.softmax(ref, -1), atol=ATOL, rtol=0)
 
 
-def test_gpt2_without_pad_token_matches_transformers(make_model, make_llm, hf_reference, monkeypatch):
-    path = make_model("gpt2", "seq", num_labels=3)
+def test_decoder_without_pad_token_matches_transformers(make_model, make_llm, hf_reference, monkeypatch):
+    path = make_model("gpt-neo", "seq", num_labels=3)
     llm = make_llm(path)
     assert llm.model_config.hf_config.pad_token_id is None
+    assert llm.model_config.entry.is_native is False
     shapes = _spy_on_transformers(llm, monkeypatch)
     logits = llm.classify(PROMPTS, pooling_params=RAW, use_tqdm=False)
     assert [s[0] for s in shapes] == [1] * len(PROMPTS)  # no pad token: one row per forward pass
@@ -109,8 +110,9 @@ def test_generative_architecture_is_refused(make_model):
 
 def test_bare_decoder_embeds_with_its_last_token(make_model, make_llm, hf_reference):
     """A causal model's first token sees only itself: the fallback pools decoders at the last token."""
-    path = make_model("gpt2", "base")
+    path = make_model("gpt-neo", "base")
     llm = make_llm(path)
+    assert llm.model_config.entry.is_native is False
     assert llm.model_config.pooler.seq_pooling.value == "LAST"
     model, tok = hf_reference(path, "base")
     raw = PoolingParams(use_activation=False)

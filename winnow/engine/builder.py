@@ -116,6 +116,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         tokenizer_max_length=getattr(hf_tokenizer, "model_max_length", None),
         tokenizer_vocab_size=tokenizers.vocab_size,
         tokenizer_input_names=tuple(getattr(hf_tokenizer, "model_input_names", ())),
+        token_to_id=tokenizers.token_to_id,
         trust_remote_code=args.trust_remote_code,
     )
     config = EngineConfig(

@@ -81,14 +81,29 @@ def cut_to_tokens(processor: InputProcessor, texts: Sequence[str], max_tokens: i
     return out
 
 
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def shipped_templates() -> list[str]:
+    """Names of the score templates winnow ships (winnow/templates/*.jinja)."""
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
 def load_template(template: str | None) -> str | None:
-    """A template is given inline or as a path to a Jinja file."""
+    """A template is inline Jinja, a path to a Jinja file, or the name of a shipped one ("qwen3_reranker")."""
     if template is None:
         return None
-    path = Path(template).expanduser()
-    if len(template) < 4096 and "{" not in template and path.is_file():
-        return path.read_text()
-    return template
+    if "{" in template:
+        return template
+    shipped = TEMPLATES_DIR / (template if template.endswith(".jinja") else f"{template}.jinja")
+    for candidate in (Path(template).expanduser(), shipped):
+        if len(template) < 4096 and candidate.is_file():
+            return candidate.read_text()
+    raise InvalidInputError(
+        f"chat_template {template!r} is neither Jinja text, an existing file, nor a shipped template "
+        f"({', '.join(shipped_templates())}).",
+        param="chat_template",
+    )
 
 
 def cross_encoder_prompts(
@@ -113,6 +128,10 @@ def cross_encoder_prompts(
     inputs: list[TextOrPair]
     if template is not None:
         inputs = [_render(processor, template, q, d, template_kwargs) for q, d in zip(queries, docs)]
+        if options.max_tokens is not None:
+            # Cut documents, never the template or the query; the fitted texts need no further cutting.
+            inputs = _fit_documents(processor, template, template_kwargs, queries, docs, inputs, options.max_tokens)
+            options = TruncationOptions(None, options.side, add_special_tokens=True)
     elif use_sep_token:
         inputs = list(zip(queries, docs))
     else:
@@ -121,6 +140,45 @@ def cross_encoder_prompts(
     for i, p in enumerate(prompts):
         processor.check(p, i, truncated=options.max_tokens is not None)
     return prompts
+
+
+def _fit_documents(
+    processor: InputProcessor,
+    template: str,
+    kwargs: Mapping[str, Any] | None,
+    queries: list[str],
+    docs: list[str],
+    rendered: list[TextOrPair],
+    limit: int,
+) -> list[TextOrPair]:
+    """Template-aware truncation: shorten each over-long pair's document until the rendered prompt fits.
+
+    vLLM and sentence-transformers cut the token sequence instead, which drops the template's suffix
+    (the "<|im_start|>assistant ..." an LLM reranker scores from) or the query.
+    """
+    full = TruncationOptions(None, "right", add_special_tokens=True)
+    lengths = [len(e.ids) for e in processor.encode(rendered, full)]
+    fitted = list(rendered)
+    for i, n in enumerate(lengths):
+        if n <= limit:
+            continue
+        frame = len(processor.encode([_render(processor, template, queries[i], "", kwargs)], full)[0].ids)
+        budget = limit - frame
+        if budget < 1:
+            raise InvalidInputError(
+                f"The score template and the query alone take {frame} tokens, more than the {limit} allowed; "
+                "shorten the query or raise truncate_prompt_tokens.",
+                param="truncate_prompt_tokens",
+            )
+        doc_tokens = len(processor.tokenizers.encode_with_offsets([docs[i]])[0].ids)
+        while n > limit and budget > 0:  # tokens can merge across the cut: shrink until it fits
+            text = cut_to_tokens(processor, [docs[i]], min(budget, doc_tokens))[0]
+            fitted[i] = _render(processor, template, queries[i], text, kwargs)
+            n = len(processor.encode([fitted[i]], full)[0].ids)
+            budget -= max(1, n - limit)
+        if n > limit:
+            raise InvalidInputError(f"Pair {i} cannot be fitted into {limit} tokens.", param="truncate_prompt_tokens")
+    return fitted
 
 
 def _render(processor: InputProcessor, template: str, query: str, doc: str, kwargs: Mapping[str, Any] | None) -> str:

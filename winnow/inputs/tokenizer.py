@@ -59,6 +59,11 @@ class TokenizerGroup:
     def vocab_size(self) -> int:
         return int(self._base.get_vocab_size(with_added_tokens=True))
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of an exact token string (case-sensitive), or None if the vocabulary lacks it."""
+        found = self._base.token_to_id(token)
+        return None if found is None else int(found)
+
     def num_special_tokens(self, *, pair: bool) -> int:
         return int(self._base.num_special_tokens_to_add(pair))
 

@@ -1,7 +1,8 @@
 """Build a native model on the meta device and fill it with checkpoint tensors, strictly by name.
 
 A checkpoint tensor either lands in exactly one parameter, is fused into one (``packed_modules``),
-or is on the model's short list of known-unused weights (``ignored_weights``). Anything else,
+or is on the model's short list of known-unused weights (``ignored_weights`` prefixes,
+``ignored_suffixes`` endings). Anything else,
 and any parameter left without a tensor, is a ``ModelLoadError`` naming the keys.
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from winnow.errors import ModelLoadError
+from winnow.models.base import TokenScoreHead
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,31 @@ def iter_checkpoint(files: list[Path], device: torch.device) -> Iterator[tuple[s
             raise ModelLoadError(f"Could not read weights from {path}: {type(e).__name__}: {e}") from e
 
 
+def _fused(name: str, packed: dict[str, tuple[str, int]]) -> str:
+    """The parameter a checkpoint name lands in, after fusing (``...query.weight`` -> ``...qkv_proj.weight``)."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in packed:
+        return ".".join([*parts[:-2], packed[parts[-2]][0], parts[-1]])
+    return name
+
+
+def checkpoint_names(files: list[Path]) -> set[str]:
+    """Tensor names of a checkpoint without reading the tensors (safetensors headers; .bin files are read)."""
+    names: set[str] = set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names.update(_canonical_name(n) for n in f.keys())  # noqa: SIM118 - not a mapping
+            except Exception as e:
+                raise ModelLoadError(f"Could not read weights from {path}: {type(e).__name__}: {e}") from e
+        else:
+            names.update(_canonical_name(n) for n, _ in iter_checkpoint([path], torch.device("cpu")))
+    return names
+
+
 def _canonical_name(name: str) -> str:
     # Very old TF-converted checkpoints name LayerNorm parameters gamma/beta (transformers renames too).
     if name.endswith(".gamma"):
@@ -63,19 +90,37 @@ def load_weights(
     dtype: torch.dtype,
     head_dtype: torch.dtype,
     device: torch.device,
+    token_score_head: TokenScoreHead | None = None,
 ) -> nn.Module:
-    """Instantiate ``model_class(hf_config)`` and load ``files`` into it, strictly."""
+    """Instantiate ``model_class(hf_config)`` and load ``files`` into it, strictly.
+
+    With ``token_score_head``, the classifier ``score.weight`` is built from LM-head rows of the
+    checkpoint (the causal LM's ``lm_head``, or its tied input embedding) and the LM head is dropped.
+    """
+    # Some choices depend on what the checkpoint holds (an optional bias): the class may look first.
+    init_kwargs: dict[str, Any] = {}
+    if hasattr(model_class, "init_kwargs"):
+        init_kwargs = model_class.init_kwargs(hf_config, checkpoint_names(files))
     with torch.device("meta"):
-        model = model_class(hf_config)
+        model = model_class(hf_config, **init_kwargs)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     packed: dict[str, tuple[str, int]] = getattr(model_class, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model_class, "ignored_weights", ())
+    ignored_suffixes: tuple[str, ...] = getattr(model_class, "ignored_suffixes", ())
     head_prefixes: tuple[str, ...] = getattr(model_class, "head_prefixes", ())
     # Bare encoders (BertModel...) are saved with and without their base prefix ("bert.").
     prefix = getattr(model_class, "base_model_prefix", None)
 
+    lm_head_names: tuple[str, ...] = getattr(model_class, "lm_head_names", ()) if token_score_head else ()
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        lm_head_names = lm_head_names[:1]  # untied: only the LM head itself holds the output rows
+    # Classifiers accept names relative to their body too ("h.0..." for "transformer.h.0..."), as a
+    # causal LM saved as its bare base model has them.
+    body_prefix: str | None = getattr(model_class, "body_prefix", None)
+
     state: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[int, torch.Tensor]] = {}
+    lm_heads: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for raw_name, tensor in iter_checkpoint(files, device):
         name = _canonical_name(raw_name)
@@ -83,7 +128,13 @@ def load_weights(
             continue
         if prefix and name.startswith(prefix + "."):
             name = name[len(prefix) + 1 :]
-        if name.startswith(ignored):
+        if body_prefix and _fused(f"{body_prefix}.{name}", packed) in expected:
+            name = f"{body_prefix}.{name}"
+        if name in lm_head_names:
+            lm_heads[name] = tensor
+            if name not in expected:  # the LM head itself is not kept; a tied embedding is
+                continue
+        if name.startswith(ignored) or (ignored_suffixes and name.endswith(ignored_suffixes)):
             continue
         parts = name.split(".")
         if len(parts) >= 2 and parts[-2] in packed:
@@ -109,6 +160,14 @@ def load_weights(
             missing.extend(".".join([*module, needed[i], leaf]) for i in sorted(set(needed) - set(parts_by_index)))
         else:
             state[fused_name] = torch.cat([parts_by_index[i] for i in sorted(needed)], dim=0)
+
+    if token_score_head is not None:
+        source = next((n for n in lm_head_names if n in lm_heads), None)
+        if source is None:
+            raise ModelLoadError(
+                f"classifier_from_token needs the LM head, but the checkpoint has none of {list(lm_head_names)}."
+            )
+        state["score.weight"] = token_score_head.weight(lm_heads[source])
 
     for name in sorted(set(expected) - set(state)):
         *module, fused, leaf = name.split(".")

@@ -58,7 +58,27 @@ _NATIVE: dict[str, tuple[str, ModelKind]] = {
     "DistilBertForSequenceClassification": ("distilbert", _SEQ),
     "DistilBertForTokenClassification": ("distilbert", _TOK),
     "DistilBertModel": ("distilbert", _ENC),
+    "DebertaV2ForSequenceClassification": ("deberta_v2", _SEQ),
+    "DebertaV2ForTokenClassification": ("deberta_v2", _TOK),
+    "DebertaV2Model": ("deberta_v2", _ENC),
+    "ModernBertForSequenceClassification": ("modernbert", _SEQ),
+    "ModernBertForTokenClassification": ("modernbert", _TOK),
+    "ModernBertModel": ("modernbert", _ENC),
 }
+# Decoders: the classifier reads the last token; a *ForCausalLM checkpoint becomes a classifier
+# with convert="classify" (its `score` head from the checkpoint, or built from LM-head rows).
+for _family, _module in (
+    ("Qwen2", "decoder"),
+    ("Qwen3", "decoder"),
+    ("Llama", "decoder"),
+    ("Mistral", "decoder"),
+    ("Gemma", "decoder"),
+    ("Gemma2", "decoder"),
+    ("GPT2", "gpt2"),
+):
+    _NATIVE[f"{_family}ForSequenceClassification"] = (_module, _SEQ)
+    _NATIVE[f"{_family}ForTokenClassification"] = (_module, _TOK)
+    _NATIVE[f"{_family}Model"] = (_module, _ENC)
 
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "ChatModel", "LMHeadModel")
 
@@ -80,6 +100,8 @@ def resolve_architecture(
     if not architectures:
         raise ModelLoadError("config.json lists no `architectures`; set it with hf_overrides={'architectures': [...]}.")
     arch = architectures[0]
+    if arch.endswith(_GENERATIVE_SUFFIXES):
+        arch = _convert_generative(arch, convert)
 
     if arch in _NATIVE:
         module, kind = _NATIVE[arch]
@@ -92,11 +114,6 @@ def resolve_architecture(
             )
         return ModelEntry(arch, module, arch, kind, PoolingType.CLS)
 
-    if arch.endswith(_GENERATIVE_SUFFIXES):
-        raise ModelLoadError(
-            f"{arch} is a generative model. Converting it into a classifier (convert='classify') is not "
-            "supported yet; use a checkpoint with a sequence-classification head."
-        )
     if convert == "embed" or arch.endswith("Model"):
         kind = _ENC
     elif arch.endswith("ForSequenceClassification"):
@@ -115,6 +132,23 @@ def resolve_architecture(
     # A causal model's first token has seen only itself: decoders pool the last token, encoders the first.
     pooling = PoolingType.LAST if _is_causal_only(model_type) else PoolingType.CLS
     return ModelEntry(arch, "hf_fallback", "HFFallbackModel", kind, pooling, is_native=False)
+
+
+def _convert_generative(arch: str, convert: str) -> str:
+    """A generative architecture runs as the same body with a pooling head: ``classify`` adds a
+    classifier on the last token, ``embed`` serves the bare model. Without convert it cannot run."""
+    family = next(arch[: -len(suffix)] for suffix in _GENERATIVE_SUFFIXES if arch.endswith(suffix))
+    target = {"classify": f"{family}ForSequenceClassification", "embed": f"{family}Model"}.get(convert)
+    if target is None:
+        raise ModelLoadError(
+            f"{arch} is a generative model and does not support the pooling runner as it is. You can pass "
+            "convert='classify' (--convert classify) or convert='embed' to adapt it into a pooling model."
+        )
+    if target not in _NATIVE:
+        raise ModelLoadError(
+            f"{arch} cannot be converted: winnow has no native {target}. Natively: {', '.join(native_architectures())}."
+        )
+    return target
 
 
 def _is_causal_only(model_type: str | None) -> bool:

@@ -37,6 +37,7 @@ def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
         dtype=config.dtype,
         head_dtype=config.pooler.head_dtype,
         device=device,
+        token_score_head=config.token_score_head,
     )
 
 

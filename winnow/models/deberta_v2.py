@@ -1,0 +1,414 @@
+"""DeBERTa-v2 / v3 encoders with their classification heads.
+
+Reference: transformers' ``models/deberta_v2/modeling_deberta_v2.py`` (DeBERTa-v3 checkpoints are
+this architecture: relative attention, ``position_buckets=256``, no absolute positions).
+Attribute names follow the checkpoints so weights load by name; the only renaming is the fused
+query/key/value projection (``packed_modules``). Dropout is omitted (inference only).
+
+Disentangled attention adds two relative-position terms to the content scores of each head:
+
+    c2p[i, j] = q_i . Kr[c2p_row(i - j)]      content-to-position (query content, key position)
+    p2c[i, j] = k_j . Qr[p2c_row(j - i)]      position-to-content (HF indexes it from the key side)
+    scores    = (q_i . k_j + c2p + p2c) / sqrt(head_dim * (1 + number of terms))
+
+where ``Kr``/``Qr`` project the (optionally layer-normed) relative embeddings and a row is the
+(log-bucketed) distance shifted by the attention span and clamped. Dense layers run on the packed
+``[num_tokens, hidden]`` stream; attention runs per attention group on its padded grid
+(``layers/attention.py``), with the two terms folded into SDPA's additive mask. Each term is one
+bmm of a group's queries (keys) against its 2L - 1 distance columns, read along diagonals by a
+strided view (``relative_shift``), so no [L, L] index is gathered. The rows each distance reads
+depend only on the grid length: they are computed once per forward (on the host, with HF's float32
+bucketing), and only the relative-embedding rows the batch's distances can reach are projected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from winnow.errors import ModelLoadError
+from winnow.layers.activation import get_activation, is_supported_activation
+from winnow.layers.attention import from_grid, to_grid
+from winnow.runner.batch import AttentionGroup, Batch
+
+
+def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
+    """HF's bucketing, op for op (the ``ceil`` must see the same float32 values): distances beyond
+    ``bucket_size // 2`` share logarithmically wider buckets."""
+    sign = torch.sign(relative_pos)
+    mid = bucket_size // 2
+    abs_pos = torch.where(
+        (relative_pos < mid) & (relative_pos > -mid), torch.tensor(mid - 1).type_as(relative_pos), relative_pos.abs()
+    )
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
+
+
+@dataclass(frozen=True)
+class RelativePositions:
+    """What one forward's layers share: the reachable relative-embedding rows and, per attention
+    group of length L, the row each of its 2L - 1 distance columns reads (see ``relative_shift``)."""
+
+    rows: slice  # rows of ``rel_embeddings`` the batch can reach; the layers project only these
+    c2p: tuple[torch.Tensor, ...]  # per group, [2L - 1] long: column e = key - query + L - 1 -> window row
+    p2c: tuple[torch.Tensor, ...]  # per group, [2L - 1] long: column e = query - key + L - 1 -> window row
+
+
+def relative_shift(scores: torch.Tensor) -> torch.Tensor:
+    """[..., L, 2L - 1] scores of each row against distance columns -> [..., L, L] strided view.
+
+    ``out[..., i, j] = scores[..., i, j - i + L - 1]``: row i of the view starts one element earlier
+    in memory than a plain row would (stride 2L - 2), so no index tensor and no copy are needed.
+    """
+    length, width = scores.shape[-2:]
+    assert width == 2 * length - 1 and scores.stride()[-2:] == (width, 1)
+    size, stride = (*scores.shape[:-1], length), (*scores.stride()[:-2], width - 1, 1)
+    return scores.as_strided(size, stride, scores.storage_offset() + length - 1)
+
+
+def check_deberta_config(config: Any) -> None:
+    """Reject config variants this implementation does not compute (they run on the fallback)."""
+    acts = {"hidden_act": config.hidden_act, "pooler_hidden_act": getattr(config, "pooler_hidden_act", "gelu")}
+    if getattr(config, "conv_kernel_size", 0) > 0:
+        acts["conv_act"] = getattr(config, "conv_act", "tanh")
+        if config.conv_kernel_size % 2 == 0:
+            raise ModelLoadError(f"conv_kernel_size={config.conv_kernel_size} must be odd.")
+    for key, value in acts.items():
+        if not is_supported_activation(value):
+            raise ModelLoadError(f"{key}={value!r} is not supported natively.")
+
+
+class DebertaV2Embeddings(nn.Module):
+    def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
+        super().__init__()
+        dim = getattr(config, "embedding_size", None) or config.hidden_size
+        self.position_biased_input = bool(getattr(config, "position_biased_input", True))
+        self.word_embeddings = nn.Embedding(config.vocab_size, dim)
+        # Some checkpoints carry an absolute table they never use (HF ignores it on load).
+        has_positions = self.position_biased_input or keep_position_embeddings
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, dim) if has_positions else None
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, dim) if config.type_vocab_size > 0 else None
+        self.embed_proj = nn.Linear(dim, config.hidden_size, bias=False) if dim != config.hidden_size else None
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x = self.word_embeddings(batch.input_ids)  # [T, dim]
+        if self.position_biased_input:
+            assert self.position_embeddings is not None
+            x = x + self.position_embeddings(batch.positions)  # [T, dim]
+        if self.token_type_embeddings is not None:
+            types = self.token_type_embeddings
+            x = x + (types.weight[0] if batch.token_type_ids is None else types(batch.token_type_ids))  # [T, dim]
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)  # [T, hidden]
+        # HF then multiplies by the attention mask: all ones here, packed rows have no padding.
+        return self.LayerNorm(x)  # [T, hidden]
+
+
+class DisentangledSelfAttention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "attention_head_size", config.hidden_size // self.num_heads)
+        self.all_head = self.num_heads * self.head_dim
+        # query_proj, key_proj and value_proj fused into one GEMM (see packed_modules).
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.all_head)
+        pos_att_type = config.pos_att_type or []
+        self.c2p = "c2p" in pos_att_type
+        self.p2c = "p2c" in pos_att_type
+        self.relative = bool(getattr(config, "relative_attention", False)) and (self.c2p or self.p2c)
+        # HF counts the terms in the scale even when relative attention is off.
+        self.scale = (self.head_dim * (1 + self.c2p + self.p2c)) ** -0.5
+        self.share_att_key = bool(getattr(config, "share_att_key", False))
+        if self.relative and not self.share_att_key:
+            if self.c2p:
+                self.pos_key_proj = nn.Linear(config.hidden_size, self.all_head)
+            if self.p2c:
+                self.pos_query_proj = nn.Linear(config.hidden_size, self.all_head)
+
+    def position_projections(self, rel: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """[W, hidden] relative embeddings -> (Kr, Qr) * scale, each [heads, head_dim, W] or None if unused."""
+        a, heads = self.all_head, (self.num_heads, self.head_dim)
+
+        def split(rows: torch.Tensor) -> torch.Tensor:
+            # [W, heads * head_dim] -> [heads, head_dim, W], with the score scale folded in (a small tensor)
+            return (rows * self.scale).unflatten(-1, heads).permute(1, 2, 0)
+
+        if self.share_att_key:  # the content projections, read from the fused weight: rows [q | k]
+            qk = F.linear(rel, self.qkv_proj.weight[: 2 * a], self.qkv_proj.bias[: 2 * a])  # [W, 2 * all_head]
+            return (split(qk[:, a:]) if self.c2p else None), (split(qk[:, :a]) if self.p2c else None)
+        kr = split(self.pos_key_proj(rel)) if self.c2p else None
+        qr = split(self.pos_query_proj(rel)) if self.p2c else None
+        return kr, qr
+
+    def forward(
+        self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None, rel_emb: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[T, hidden] -> [T, all_head]."""
+        qkv = self.qkv_proj(x)  # [T, 3 * all_head]
+        kr, qr = self.position_projections(rel_emb) if self.relative and rel_emb is not None else (None, None)
+        groups = batch.attn_groups
+        if len(groups) == 1:
+            return self._group(qkv, groups[0], 0, rel, kr, qr)
+        out = qkv.new_empty(qkv.shape[0], self.all_head)  # [T, all_head]
+        for g, group in enumerate(groups):
+            rows = slice(group.token_start, group.token_end)
+            out[rows] = self._group(qkv[rows], group, g, rel, kr, qr)
+        return out
+
+    def _group(
+        self,
+        qkv: torch.Tensor,
+        group: AttentionGroup,
+        g: int,
+        rel: RelativePositions | None,
+        kr: torch.Tensor | None,
+        qr: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Packed rows of group ``g`` [t, 3 * all_head] -> attention output rows [t, all_head]."""
+        n, length, h, dim = group.num_seqs, group.max_len, self.num_heads, self.head_dim
+        # [t, 3 * all_head] -> [n, L, 3, heads, dim] -> [3, heads, n, L, dim]: head-major, so that the
+        # relative terms are one bmm per head over all n * L queries.
+        grid = to_grid(qkv, group).view(n, length, 3, h, dim).permute(2, 3, 0, 1, 4).contiguous()
+        q, k, v = grid.unbind(0)  # [heads, n, L, dim] each
+        bias: torch.Tensor | None = None
+        if rel is not None and kr is not None:  # content -> position: q_i . Kr[row(i - j)]
+            c2p = torch.bmm(q.flatten(1, 2), kr.index_select(-1, rel.c2p[g]))  # [heads, n * L, 2L - 1]
+            bias = relative_shift(c2p.view(h, n, length, 2 * length - 1))  # [heads, n, query, key]
+        if rel is not None and qr is not None:  # position -> content: k_j . Qr[row(j - i)]
+            p2c = torch.bmm(k.flatten(1, 2), qr.index_select(-1, rel.p2c[g]))  # [heads, n * L, 2L - 1]
+            p2c = relative_shift(p2c.view(h, n, length, 2 * length - 1)).transpose(-1, -2)  # [heads, n, query, key]
+            bias = p2c if bias is None else bias + p2c
+        mask = group.attn_mask  # [n, 1, 1, L] bool or None: True on real keys
+        if bias is not None:  # the (pre-scaled) relative terms become SDPA's additive mask
+            if mask is not None:  # padding keys masked as HF does
+                bias = bias.masked_fill(~mask.transpose(0, 1), torch.finfo(bias.dtype).min)  # [heads, n, query, key]
+            mask = bias.transpose(0, 1)  # [n, heads, query, key]
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [n, heads, L, dim] views
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [n, heads, L, dim]
+        return from_grid(out.transpose(1, 2).flatten(2), group)  # [t, all_head]
+
+
+class DebertaV2SelfOutput(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class DebertaV2Attention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.self = DisentangledSelfAttention(config)
+        self.output = DebertaV2SelfOutput(config)
+
+
+class DebertaV2Intermediate(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+class DebertaV2Output(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class DebertaV2Layer(nn.Module):
+    """Post-norm block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.attention = DebertaV2Attention(config)
+        self.intermediate = DebertaV2Intermediate(config)
+        self.output = DebertaV2Output(config)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(
+        self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None, rel_emb: torch.Tensor | None
+    ) -> torch.Tensor:
+        attn = self.attention
+        x = attn.output.LayerNorm(attn.output.dense(attn.self(x, batch, rel, rel_emb)) + x)  # [T, hidden]
+        h = self.act(self.intermediate.dense(x))  # [T, intermediate]
+        return self.output.LayerNorm(self.output.dense(h) + x)  # [T, hidden]
+
+
+class ConvLayer(nn.Module):
+    """DeBERTa-v2 (xlarge/xxlarge) convolution beside the first layer, over each sequence's tokens."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        size = config.conv_kernel_size
+        groups = getattr(config, "conv_groups", 1)
+        self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, size, padding=(size - 1) // 2, groups=groups)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = get_activation(getattr(config, "conv_act", "tanh"))
+
+    def forward(self, embedded: torch.Tensor, residual: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``embedded`` (the encoder input), ``residual`` (layer 0's output): [T, hidden] -> [T, hidden]."""
+        out = torch.empty_like(residual)  # [T, hidden]
+        for group in batch.attn_groups:
+            rows = slice(group.token_start, group.token_end)
+            # Zero right padding = HF's masked-out padding embeddings: the kernel sees zeros past the end.
+            grid = to_grid(embedded[rows], group).transpose(1, 2)  # [num_seqs, hidden, max_len]
+            out[rows] = from_grid(self.conv(grid).transpose(1, 2), group)  # [t, hidden]
+        return self.LayerNorm(residual + self.act(out))  # [T, hidden]
+
+
+class DebertaV2Encoder(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(DebertaV2Layer(config) for _ in range(config.num_hidden_layers))
+        self.relative_attention = bool(getattr(config, "relative_attention", False))
+        max_relative = getattr(config, "max_relative_positions", -1)
+        self.max_relative_positions = max_relative if max_relative >= 1 else config.max_position_embeddings
+        self.position_buckets = getattr(config, "position_buckets", -1)
+        # The attention span: relative rows run over [0, 2 * span).
+        self.span = self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+        if self.relative_attention:
+            self.rel_embeddings = nn.Embedding(2 * self.span, config.hidden_size)
+        norm = [x.strip() for x in str(getattr(config, "norm_rel_ebd", "none")).lower().split("|")]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if "layer_norm" in norm else None
+        self.conv = ConvLayer(config) if getattr(config, "conv_kernel_size", 0) > 0 else None
+
+    def relative_positions(self, batch: Batch) -> RelativePositions:
+        """The relative-embedding rows each group's distance columns read (HF's c2p_pos / p2c_pos)."""
+        n, span = batch.max_seqlen, self.span
+        # The 2n - 1 query-minus-key distances -(n-1)..n-1, bucketed on the host (a tiny tensor).
+        dist = torch.arange(-(n - 1), n)  # [2n - 1]: distance d at index d + n - 1
+        if self.position_buckets > 0:
+            dist = make_log_bucket_position(dist, self.position_buckets, self.max_relative_positions).long()
+        c2p_row = (dist + span).clamp(0, 2 * span - 1)  # [2n - 1] row of Kr for query - key = d
+        p2c_row = (-dist + span).clamp(0, 2 * span - 1)  # [2n - 1] row of Qr for key - query = d
+        lo, hi = int(min(c2p_row.min(), p2c_row.min())), int(max(c2p_row.max(), p2c_row.max()))
+        device = batch.input_ids.device
+        # Column e of a group of length L is distance L - 1 - e: indices n + L - 2 down to n - L.
+        spans = [slice(n - g.max_len, n + g.max_len - 1) for g in batch.attn_groups]
+        c2p = tuple((c2p_row[s].flip(0) - lo).to(device) for s in spans)  # [2L - 1] each
+        p2c = tuple((p2c_row[s].flip(0) - lo).to(device) for s in spans)  # [2L - 1] each
+        return RelativePositions(slice(lo, hi + 1), c2p, p2c)
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        rel: RelativePositions | None = None
+        rel_emb: torch.Tensor | None = None
+        if self.relative_attention:
+            rel = self.relative_positions(batch)
+            rel_emb = self.rel_embeddings.weight[rel.rows]  # [W, hidden]: the rows this batch can reach
+            if self.LayerNorm is not None:
+                rel_emb = self.LayerNorm(rel_emb)  # row-wise, so normalising a slice is exact
+        embedded = x
+        for i, layer in enumerate(self.layer):
+            x = layer(x, batch, rel, rel_emb)  # [T, hidden]
+            if i == 0 and self.conv is not None:
+                x = self.conv(embedded, x, batch)
+        return x
+
+
+class DebertaV2Model(nn.Module):
+    """The bare encoder: token ids -> final hidden states [num_tokens, hidden]."""
+
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
+        "query_proj": ("qkv_proj", 0),
+        "key_proj": ("qkv_proj", 1),
+        "value_proj": ("qkv_proj", 2),
+    }
+    base_model_prefix: ClassVar[str] = "deberta"
+    # Heads a bare-encoder checkpoint may carry: classifiers, masked-LM and replaced-token heads.
+    ignored_weights: ClassVar[tuple[str, ...]] = (
+        "pooler.",
+        "classifier.",
+        "lm_predictions.",
+        "mask_predictions.",
+        "cls.",
+        "qa_outputs.",
+    )
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
+        super().__init__()
+        check_deberta_config(config)
+        self.embeddings = DebertaV2Embeddings(config, keep_position_embeddings=keep_position_embeddings)
+        self.encoder = DebertaV2Encoder(config)
+
+    @classmethod
+    def max_positions(cls, config: Any) -> int:
+        # Relative attention has no hard limit, but tokenizers and configs say 512: keep theirs.
+        return int(config.max_position_embeddings)
+
+    @classmethod
+    def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
+        """An unused absolute position table in the checkpoint (position_biased_input=False) is loaded, not an error."""
+        return {"keep_position_embeddings": any(n.endswith("embeddings.position_embeddings.weight") for n in names)}
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.encoder(self.embeddings(batch), batch)  # [T, hidden]
+
+
+# --- classification heads -------------------------------------------------------------------
+
+
+class ContextPooler(nn.Module):
+    """act(dense(x)) on the pooled (first) token; HF's pooler dropout is a no-op at inference."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        size = getattr(config, "pooler_hidden_size", config.hidden_size)
+        self.dense = nn.Linear(size, size)
+        self.act = get_activation(getattr(config, "pooler_hidden_act", "gelu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))  # [n, hidden]
+
+
+class _Classifier(nn.Module):
+    """Body (``deberta``) + head. ``classify_head`` maps pooled states, ``token_head`` every token."""
+
+    packed_modules = DebertaV2Model.packed_modules
+    head_prefixes: ClassVar[tuple[str, ...]] = ("classifier.",)
+
+    def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
+        super().__init__()
+        self.deberta = DebertaV2Model(config, keep_position_embeddings=keep_position_embeddings)
+
+    @classmethod
+    def max_positions(cls, config: Any) -> int:
+        return DebertaV2Model.max_positions(config)
+
+    @classmethod
+    def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
+        return DebertaV2Model.init_kwargs(config, names)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.deberta(batch)  # [T, hidden]
+
+
+class DebertaV2ForSequenceClassification(_Classifier):
+    head_prefixes = ("pooler.", "classifier.")
+
+    def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
+        super().__init__(config, keep_position_embeddings=keep_position_embeddings)
+        self.pooler = ContextPooler(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)  # HF: the pooler's output_dim
+
+    def classify_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pooler(pooled))  # [n, hidden] -> [n, num_labels]
+
+    def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The whole head per token (pooler dense + activation + classifier): DeBERTa's pooler is
+        # part of its classification head (like RoBERTa's dense), unlike BERT's [CLS]-only pooler.
+        return self.classifier(self.pooler(hidden))  # [n, hidden] -> [n, num_labels]
+
+
+class DebertaV2ForTokenClassification(_Classifier):
+    def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
+        super().__init__(config, keep_position_embeddings=keep_position_embeddings)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(hidden)  # [n, hidden] -> [n, num_labels]
