@@ -64,7 +64,7 @@ QWEN3_0_6B = {
 }
 
 
-def build_model_folder(root: Path) -> Path:
+def build_model_folder(root: Path, tokenizer_dir: str | None = None) -> Path:
     folder = root / "qwen3-0.6b-shape-random-seq-cls"
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
         print(f"reusing {folder}")
@@ -75,7 +75,7 @@ def build_model_folder(root: Path) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tokenizer_dir or tokenizer_source()).save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     print(f"built {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)")

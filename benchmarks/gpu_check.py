@@ -40,10 +40,31 @@ from tests.tiny_models import PROMPTS, build_model
 from winnow import LLM, PoolingParams
 
 FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
+DECODER_FAMILIES = ["qwen2", "qwen3", "llama", "gemma", "gemma2", "gpt2"]
 
 
 def sync() -> None:
     torch.cuda.synchronize()
+
+
+def _parity_cases(root: Path) -> list[tuple[str, str, Path]]:
+    """(family, head, folder) of tiny random models of every native family, built as the tests build them."""
+    from tests.models.test_deberta_v2 import build_deberta
+    from tests.models.test_decoders import build_decoder
+    from tests.models.test_modernbert import build_modernbert
+
+    cases = [(f, h, build_model(root, f, h, num_labels=3)) for f in FAMILIES for h in ("seq", "tok")]
+    for family in DECODER_FAMILIES:
+        for head in ("seq", "tok"):
+            folder = root / f"{family}-{head}"
+            folder.mkdir()
+            cases.append((family, head, build_decoder(folder, family, head, num_labels=3)))
+    cases += [("deberta-v3", h, build_deberta(root, h, "v3", num_labels=3)) for h in ("seq", "tok")]
+    for head in ("seq", "tok"):
+        folder = root / f"modernbert-{head}"
+        folder.mkdir()
+        cases.append(("modernbert", head, build_modernbert(folder, head, num_labels=3)))
+    return cases
 
 
 def parity(root: Path) -> list[str]:
@@ -51,49 +72,57 @@ def parity(root: Path) -> list[str]:
 
     lines = []
     raw = PoolingParams(use_activation=False)
-    for family in FAMILIES:
-        for head in ("seq", "tok"):
-            path = build_model(root, family, head, num_labels=3)
-            auto = (
-                transformers.AutoModelForSequenceClassification
-                if head == "seq"
-                else transformers.AutoModelForTokenClassification
+    for family, head, path in _parity_cases(root):
+        auto = (
+            transformers.AutoModelForSequenceClassification
+            if head == "seq"
+            else transformers.AutoModelForTokenClassification
+        )
+        ref_model = auto.from_pretrained(path, attn_implementation="eager").eval()
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
+        for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
+            llm = LLM(str(path), device="cuda", dtype=dtype)
+            task = "classify" if head == "seq" else "token_classify"
+            params = raw if dtype == "float32" else None
+            outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
+            worst = 0.0
+            for ref, out in zip(refs, outs):
+                expected = ref if dtype == "float32" else torch.softmax(ref, -1)
+                worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
+            status = "ok" if worst <= atol else "FAIL"
+            lines.append(
+                f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
+                f"(atol {atol:g}) {status}"
             )
-            ref_model = auto.from_pretrained(path).eval()
-            tok = transformers.AutoTokenizer.from_pretrained(path)
-            with torch.no_grad():
-                refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
-            for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
-                llm = LLM(str(path), device="cuda", dtype=dtype)
-                task = "classify" if head == "seq" else "token_classify"
-                params = raw if dtype == "float32" else None
-                outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
-                worst = 0.0
-                for ref, out in zip(refs, outs):
-                    expected = ref if dtype == "float32" else torch.softmax(ref, -1)
-                    worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
-                status = "ok" if worst <= atol else "FAIL"
-                lines.append(
-                    f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
-                    f"(atol {atol:g}) {status}"
-                )
-                print(lines[-1], flush=True)
+            print(lines[-1], flush=True)
     return lines
 
 
-def useful_flops_per_token(config: Any, mean_len: float) -> float:
-    """Matmul FLOPs per real token: 2 x non-embedding weights, plus attention scores and values."""
-    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    dense = 2 * layers * (4 * h * h + 2 * h * inter)
-    attention = 2 * layers * 2 * mean_len * h
-    return dense + attention
+def useful_flops_per_token(model: Any, mean_len: float) -> float:
+    """Matmul FLOPs per real token: 2 x the weights outside the embeddings, plus attention's
+    scores and weighted sum (2 x 2 x mean_len x attention width per layer)."""
+    config = model.config
+    weights = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and "embed" not in n and "wte" not in n and "wpe" not in n
+    )
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2.0 * weights + 4.0 * config.num_hidden_layers * mean_len * width
 
 
 def throughput(root: Path, tokenizer_dir: str, num_prompts: int, repeats: int) -> list[dict[str, Any]]:
+    from bench_decoder import build_model_folder as build_qwen3
+
     rows: list[dict[str, Any]] = []
     for name in ("bert-base", "minilm"):
         rows += bench_model(build_model_folder(MODELS[name], root, tokenizer_dir), name, num_prompts, repeats)
         torch.cuda.empty_cache()
+    # The Qwen3-0.6B-shape reranker (1 label): a quarter of the prompts keeps its run as long as bert-base's.
+    rows += bench_model(build_qwen3(root, tokenizer_dir), "qwen3-0.6b", num_prompts // 4, repeats)
     return rows
 
 
@@ -103,12 +132,11 @@ def bench_model(folder: Path, name: str, num_prompts: int, repeats: int) -> list
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     texts, lengths = make_workload(tok, num_prompts)
     num_tokens = sum(lengths)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    flops = useful_flops_per_token(config, float(np.mean(lengths))) * num_tokens
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, dtype=torch.bfloat16, attn_implementation="sdpa"
     )
     hf = hf.cuda().eval()
+    flops = useful_flops_per_token(hf, float(np.mean(lengths))) * num_tokens
     systems: dict[str, Any] = {
         "hf bf16 sorted b128": lambda: hf_sorted_gpu(hf, tok, texts, 128),
         "hf bf16 sorted b512": lambda: hf_sorted_gpu(hf, tok, texts, 512),
