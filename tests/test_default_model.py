@@ -46,3 +46,23 @@ def test_score_ranks_the_answer_first(llm):
         use_tqdm=False,
     )
     assert scores[1].outputs.score > scores[0].outputs.score + 0.3
+
+
+def test_int8_embeddings_pass_the_cosine_gate(llm):
+    """The issue's gate for the opt-in int8 path: cosine >= 0.99 to float32 on the real weights.
+
+    Over the fixed sentences plus 64 longer word salads (more tokens, more activation outliers);
+    torch's quantize_dynamic (all linears, per-tensor activations) measured 0.87-0.93 here.
+    """
+    import random
+
+    words = " ".join(SENTENCES).lower().replace(".", "").replace("?", "").replace(",", "").split()
+    rng = random.Random(0)
+    texts = SENTENCES + [" ".join(rng.choices(words, k=rng.randint(8, 200))) for _ in range(64)]
+    reference = torch.tensor([o.outputs.embedding for o in llm.embed(texts, use_tqdm=False)])
+    int8 = LLM(device="cpu", quantization="int8")
+    got = torch.tensor([o.outputs.embedding for o in int8.embed(texts, use_tqdm=False)])
+    cosine = torch.nn.functional.cosine_similarity(got, reference)
+    print(f"int8 cosine to float32: min {cosine.min():.4f}, mean {cosine.mean():.4f}")
+    assert cosine.min().item() >= 0.99
+    assert cosine.min().item() < 0.99999, "int8 must actually change the computation"

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-model-len", type=int, default=None, help="Max tokens per prompt (or per pair).")
     model.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16.")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    model.add_argument(
+        "--quantization", default=None, choices=["int8"], help="int8: feed-forward layers in int8 (CPU, opt-in)."
+    )
     model.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id (default: the model's).")
     model.add_argument("--revision", default=None, help="Hub revision.")
     model.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (fallback).")
@@ -146,6 +149,7 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         chat_template=args.chat_template,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        quantization=args.quantization,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
     )

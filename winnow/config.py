@@ -142,7 +142,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (half precision has no hardware support there: ~100x slower matmuls);
+    """``auto``: float32 on CPU, so results equal transformers' (bfloat16 is opt-in there, and fast
+    only on CPUs with bf16 matrix instructions; elsewhere half-precision matmuls are ~100x slower);
     on GPU the checkpoint's half dtype, and float32 checkpoints run in bfloat16 (fp16 if unsupported)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -160,9 +161,18 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
         raise ConfigError(f"dtype={dtype!r} is not supported; use auto, float32, float16 or bfloat16.")
     if resolved not in (torch.float32, torch.float16, torch.bfloat16):
         raise ConfigError(f"dtype={resolved} is not supported; use float32, float16 or bfloat16.")
-    if device.type == "cpu" and resolved != torch.float32:
-        logger.warning("dtype=%s on CPU: without half-precision hardware this is far slower than float32.", resolved)
+    if device.type == "cpu" and resolved != torch.float32 and not cpu_has_fast(resolved):
+        logger.warning("dtype=%s on CPU: no matrix instructions for it on this CPU; float32 is far faster.", resolved)
     return resolved
+
+
+def cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (AVX512-BF16 / AMX)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return dtype == torch.float32
 
 
 def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -161,3 +163,26 @@ def test_head_runs_in_float32_when_body_is_half(make_model):
 def test_dtype_auto_is_float32_on_cpu(make_model, make_llm):
     llm = make_llm(make_model("bert", "seq", num_labels=2))
     assert llm.model_config.dtype == torch.float32
+
+
+def test_dtype_auto_stays_float32_even_for_a_half_checkpoint(tmp_path, make_model):
+    """A bf16 checkpoint on CPU still runs in float32 under auto: the numbers equal transformers'."""
+    import json
+    import shutil
+
+    path = tmp_path / "bf16"
+    shutil.copytree(make_model("bert", "seq", num_labels=2), path)
+    config = json.loads((path / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config))
+    assert LLM(str(path), device="cpu").model_config.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_on_cpu_warns_only_without_hardware_support(dtype, make_model, caplog):
+    from winnow.config import cpu_has_fast
+
+    with caplog.at_level(logging.WARNING, logger="winnow"):
+        LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", dtype=dtype)
+    warned = any("matrix instructions" in r.getMessage() for r in caplog.records)
+    assert warned == (not cpu_has_fast(dtype))

@@ -34,7 +34,14 @@ HEADS = {"seq": "ForSequenceClassification", "tok": "ForTokenClassification", "b
 
 
 def build_modernbert(
-    folder: Path, head: str, *, num_labels: int = 2, seed: int = 0, sentence_transformers: Any = None, **extra: Any
+    folder: Path,
+    head: str,
+    *,
+    num_labels: int = 2,
+    seed: int = 0,
+    sentence_transformers: Any = None,
+    weight_std: float = 0.2,
+    **extra: Any,
 ) -> Path:
     """A 4-layer ModernBERT (hidden 64, 4 heads) with re-drawn weights and the tiny BERT tokenizer."""
     import transformers
@@ -67,7 +74,7 @@ def build_modernbert(
             if "norm" in name.rsplit(".", 2)[-2]:  # LayerNorm weights near 1, biases near 0
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(weight_std * torch.randn(p.shape, generator=gen))
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     if sentence_transformers:

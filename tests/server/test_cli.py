@@ -77,6 +77,7 @@ def clis(tmp_path_factory, classifier_path) -> Iterator[dict[str, CliServer]]:
         "api_key": (["--api-key", "k1", "k2"], None),
         "env_key": ([], {"WINNOW_API_KEY": "from-env"}),
         "token_task": (["--pooler-config.task", "token_classify", "--served-model-name", "tok", "t2"], None),
+        "int8": (["--quantization", "int8"], None),
     }
     try:
         for name, (flags, env) in scenarios.items():
@@ -173,6 +174,16 @@ def test_dotted_pooler_config_task(clis, classifier_path, make_llm):
         response = client.post("/classify", json={"input": "hello world"})
         assert_error(response, 501, "NotImplementedError", "The model does not support Classification API")
         assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["tok", "t2"]
+
+
+def test_quantization_flag_serves_the_int8_engine(clis, classifier_path, make_llm):
+    server = clis["int8"].wait_ready()
+    [expected] = make_llm(classifier_path, quantization="int8").classify("hello world", use_tqdm=False)
+    [exact] = make_llm(classifier_path).classify("hello world", use_tqdm=False)
+    assert expected.outputs.probs != exact.outputs.probs
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        body = client.post("/classify", json={"input": "hello world"}).json()
+    assert_close(body["data"][0]["probs"], expected.outputs.probs)
 
 
 def test_bad_flags_exit_with_usage_error(classifier_path):

@@ -49,6 +49,7 @@ class EngineArgs:
     chat_template: str | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    quantization: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     seed: int = 0
@@ -62,12 +63,13 @@ class EngineConfig:
     max_num_seqs: int
     chat_template: str | None  # default score template (cross-encoders)
     seed: int
+    quantization: str | None = None  # "int8": feed-forward layers in int8 (CPU)
 
     def describe(self) -> str:
         """One line for logs: what runs, how, where."""
         m = self.model
         path = "native" if m.entry.is_native else "transformers fallback"
-        dtype = str(m.dtype).replace("torch.", "")
+        dtype = str(m.dtype).replace("torch.", "") + (" + int8 feed-forward" if self.quantization else "")
         return f"{m.architecture} ({path}), task {m.task}, on {self.device} in {dtype}, max_model_len {m.max_model_len}"
 
 
@@ -127,6 +129,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         or (_GPU_MAX_SEQS if device.type == "cuda" else _CPU_MAX_SEQS),
         chat_template=load_template(args.chat_template),
         seed=args.seed,
+        quantization=_quantization(args.quantization, device),
     )
     inputs = InputProcessor(
         tokenizers,
@@ -143,7 +146,7 @@ def load_engine(
     """Load the weights onto the device and assemble scheduler, runner and core."""
     started = time.perf_counter()
     model_config = config.model
-    runner = ModelRunner(model_config, config.device)
+    runner = ModelRunner(model_config, config.device, quantization=config.quantization)
     scheduler = Scheduler(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
@@ -151,6 +154,16 @@ def load_engine(
     )
     logger.info("Loaded %s: %s, in %.1fs", model_config.model, config.describe(), time.perf_counter() - started)
     return Engine(config, inputs, EngineCore(scheduler, runner, on_step=on_step))
+
+
+def _quantization(value: str | None, device: torch.device) -> str | None:
+    if value in (None, "none"):
+        return None
+    if value != "int8":
+        raise ConfigError(f"quantization={value!r} is not supported; use 'int8' (CPU) or leave it unset.")
+    if device.type != "cpu":
+        raise ConfigError("quantization='int8' is a CPU path; on a GPU use dtype='bfloat16' (the default there).")
+    return value
 
 
 def _positive(value: int | None, name: str) -> int | None:

@@ -30,6 +30,10 @@ def check_bert_config(config: Any) -> None:
         raise ModelLoadError(f"hidden_act={config.hidden_act!r} is not supported natively.")
 
 
+# The feed-forward linears of every layer: what quantization="int8" converts (layers/quant.py).
+_FFN = (r"(.*\.)?layer\.\d+\.intermediate\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -135,6 +139,7 @@ class BertModel(nn.Module):
         "value": ("qkv_proj", 2),
     }
     base_model_prefix: ClassVar[str] = "bert"
+    quantizable: ClassVar[tuple[str, ...]] = _FFN
     # Weights a bare-encoder checkpoint may carry that embedding does not use.
     ignored_weights: ClassVar[tuple[str, ...]] = ("pooler.", "cls.", "classifier.", "lm_head.")
     head_prefixes: ClassVar[tuple[str, ...]] = ()
@@ -236,6 +241,7 @@ class _Classifier(nn.Module):
 
     body_class: ClassVar[type[BertModel]] = BertModel
     packed_modules = BertModel.packed_modules
+    quantizable: ClassVar[tuple[str, ...]] = _FFN
     # Older checkpoints may carry a pooler the head does not use.
     ignored_weights: ClassVar[tuple[str, ...]] = ("bert.pooler.", "roberta.pooler.", "electra.pooler.")
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier",)

@@ -313,6 +313,11 @@ class DebertaV2Encoder(nn.Module):
 class DebertaV2Model(nn.Module):
     """The bare encoder: token ids -> final hidden states [num_tokens, hidden]."""
 
+    # The feed-forward linears: what quantization="int8" converts (layers/quant.py).
+    quantizable: ClassVar[tuple[str, ...]] = (
+        r"(.*\.)?layer\.\d+\.intermediate\.dense",
+        r"(.*\.)?layer\.\d+\.output\.dense",
+    )
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
         "query_proj": ("qkv_proj", 0),
         "key_proj": ("qkv_proj", 1),
@@ -370,6 +375,7 @@ class _Classifier(nn.Module):
     """Body (``deberta``) + head. ``classify_head`` maps pooled states, ``token_head`` every token."""
 
     packed_modules = DebertaV2Model.packed_modules
+    quantizable = DebertaV2Model.quantizable
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier.",)
 
     def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:

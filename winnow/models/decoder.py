@@ -219,6 +219,11 @@ class _Decoder(nn.Module):
 
     family: ClassVar[str]
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = _PACKED
+    # The MLP linears: what quantization="int8" converts (layers/quant.py).
+    quantizable: ClassVar[tuple[str, ...]] = (
+        r"(.*\.)?layers\.\d+\.mlp\.gate_up_proj",
+        r"(.*\.)?layers\.\d+\.mlp\.down_proj",
+    )
 
     @classmethod
     def max_positions(cls, config: Any) -> int:

@@ -17,6 +17,8 @@ from winnow.layers.attention import fused_qkv_attention
 from winnow.runner.batch import Batch
 
 _LN_EPS = 1e-12
+# The feed-forward linears: what quantization="int8" converts (layers/quant.py).
+_FFN = (r"(.*\.)?layer\.\d+\.ffn\.lin1", r"(.*\.)?layer\.\d+\.ffn\.lin2")
 
 
 class Embeddings(nn.Module):
@@ -84,6 +86,7 @@ class DistilBertModel(nn.Module):
         "v_lin": ("qkv_proj", 2),
     }
     base_model_prefix: ClassVar[str] = "distilbert"
+    quantizable: ClassVar[tuple[str, ...]] = _FFN
     ignored_weights: ClassVar[tuple[str, ...]] = (
         "pre_classifier.",
         "classifier.",
@@ -110,6 +113,7 @@ class DistilBertModel(nn.Module):
 
 class _DistilBertClassifier(nn.Module):
     packed_modules = DistilBertModel.packed_modules
+    quantizable = DistilBertModel.quantizable
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     max_positions = DistilBertModel.max_positions
 

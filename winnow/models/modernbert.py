@@ -143,6 +143,8 @@ class ModernBertModel(nn.Module):
     # Weights a bare-encoder checkpoint may carry that embedding does not use (heads, the MLM decoder).
     ignored_weights: ClassVar[tuple[str, ...]] = ("head.", "classifier.", "decoder.")
     head_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The MLP linears: what quantization="int8" converts (layers/quant.py).
+    quantizable: ClassVar[tuple[str, ...]] = (r"(.*\.)?layers\.\d+\.mlp\.Wi", r"(.*\.)?layers\.\d+\.mlp\.Wo")
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -189,6 +191,7 @@ class _ModernBertClassifier(nn.Module):
     head_prefixes: ClassVar[tuple[str, ...]] = ("head.", "classifier.")
     # classifier_pooling is part of the architecture: a user pooling override is ignored (vLLM).
     pooling_is_fixed: ClassVar[bool] = True
+    quantizable = ModernBertModel.quantizable
 
     def __init__(self, config: Any) -> None:
         super().__init__()

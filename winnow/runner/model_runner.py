@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from winnow.layers.pooling import Pooler
+from winnow.layers.quant import quantize_int8
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
 from winnow.runner.batch import build_batch, group_by_length
@@ -48,10 +49,14 @@ _CPU_GROUP_OVERHEAD = 64**2
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, device: torch.device, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device: torch.device, model: nn.Module | None = None, quantization: str | None = None
+    ) -> None:
         self.config = config
         self.device = device
         self.model = model if model is not None else load_model(config, device)
+        if quantization == "int8":
+            quantize_int8(self.model, getattr(self.model, "quantizable", ()), device)
         self.pooler = Pooler(config.pooler, self.model)
         # The transformers fallback pads every layer; native models pad inside attention only.
         self.pads_dense_layers = not config.entry.is_native
