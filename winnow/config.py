@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from winnow.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedTaskError
+from winnow.layers.linear import cpu_has_fast
 from winnow.layers.pooling import Activation, PoolerSpec
 from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
@@ -164,15 +165,6 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     if device.type == "cpu" and resolved != torch.float32 and not cpu_has_fast(resolved):
         logger.warning("dtype=%s on CPU: no matrix instructions for it on this CPU; float32 is far faster.", resolved)
     return resolved
-
-
-def cpu_has_fast(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices in hardware (AVX512-BF16 / AMX)."""
-    if dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if dtype == torch.float16:
-        return torch.cpu._is_amx_fp16_supported()
-    return dtype == torch.float32
 
 
 def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:

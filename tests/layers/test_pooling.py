@@ -180,7 +180,7 @@ def test_dtype_auto_stays_float32_even_for_a_half_checkpoint(tmp_path, make_mode
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_on_cpu_warns_only_without_hardware_support(dtype, make_model, caplog):
-    from winnow.config import cpu_has_fast
+    from winnow.layers.linear import cpu_has_fast
 
     with caplog.at_level(logging.WARNING, logger="winnow"):
         LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", dtype=dtype)

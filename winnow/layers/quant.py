@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from winnow.errors import ConfigError
+from winnow.layers.linear import replace_linears
 
 _EPS = 1e-12
 
@@ -61,13 +62,4 @@ def quantize_int8(model: nn.Module, patterns: tuple[str, ...], device: torch.dev
     if not patterns:
         raise ConfigError(f"quantization='int8' is not available for {type(model).__name__}.")
     compiled = [re.compile(p) for p in patterns]
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(p.fullmatch(name) for p in compiled)
-    ]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
-    return len(targets)
+    return replace_linears(model, lambda name, _: any(p.fullmatch(name) for p in compiled), Int8Linear)

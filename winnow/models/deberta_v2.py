@@ -138,8 +138,8 @@ class DisentangledSelfAttention(nn.Module):
             # [W, heads * head_dim] -> [heads, head_dim, W], with the score scale folded in (a small tensor)
             return (rows * self.scale).unflatten(-1, heads).permute(1, 2, 0)
 
-        if self.share_att_key:  # the content projections, read from the fused weight: rows [q | k]
-            qk = F.linear(rel, self.qkv_proj.weight[: 2 * a], self.qkv_proj.bias[: 2 * a])  # [W, 2 * all_head]
+        if self.share_att_key:  # the content projections; v is dropped (W rows: cheaper than a second weight)
+            qk = self.qkv_proj(rel)[:, : 2 * a]  # [W, 2 * all_head]
             return (split(qk[:, a:]) if self.c2p else None), (split(qk[:, :a]) if self.p2c else None)
         kr = split(self.pos_key_proj(rel)) if self.c2p else None
         qr = split(self.pos_query_proj(rel)) if self.p2c else None

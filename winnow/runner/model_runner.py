@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from winnow.layers.linear import cpu_has_fast, pack_linears
 from winnow.layers.pooling import Pooler
 from winnow.layers.quant import quantize_int8
 from winnow.models.files import find_weight_files
@@ -44,7 +45,8 @@ def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
 
 # One SDPA call costs about as much as attending over a 64-token sequence on a CPU core (measured:
 # per-call overhead ~30-60 us), so a CPU batch splits into length groups when that saves more padding.
-# On a GPU each extra call is a kernel launch; it keeps one group until varlen attention replaces it.
+# On a GPU each extra call is a kernel launch, so one group: half-precision layers skip the grid
+# entirely (flash attention's varlen kernel, layers/attention.py); float32 and DeBERTa pad it.
 _CPU_GROUP_OVERHEAD = 64**2
 
 
@@ -57,6 +59,9 @@ class ModelRunner:
         self.model = model if model is not None else load_model(config, device)
         if quantization == "int8":
             quantize_int8(self.model, getattr(self.model, "quantizable", ()), device)
+        if device.type == "cpu" and config.entry.is_native:
+            # Half-precision linears are packed only where the CPU has instructions for them.
+            pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
         self.pooler = Pooler(config.pooler, self.model)
         # The transformers fallback pads every layer; native models pad inside attention only.
         self.pads_dense_layers = not config.entry.is_native

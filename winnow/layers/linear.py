@@ -1,0 +1,67 @@
+"""CPU linears with weights pre-packed for oneDNN (the default on CPU, float32 and bfloat16).
+
+``nn.Linear`` on a CPU calls an sgemm that re-lays the weight out on every call; oneDNN can keep
+the weight in its blocked layout once, at load time. Measured on a 2-core AVX512 CPU: 1.2-1.7x
+per GEMM at 20-64 tokens (single short requests), ~1.1x at 512 tokens. The arithmetic is the same
+float32 (or bfloat16) GEMM: results differ from ``nn.Linear`` only in summation order (~1e-7).
+This is the op that ``torch.compile``'s CPU freezing pass emits for linears; it is used here
+directly, without compiling, so prompts of any length run without recompilation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# The batch size oneDNN picks the packed layout for; any batch size works with it.
+_PACK_HINT_TOKENS = 64
+
+
+def cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (AVX512-BF16 / AMX for half types)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return dtype == torch.float32
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for an ``nn.Linear`` on the CPU (inference only)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        # An opaque oneDNN tensor: [out, in] logically; kept as a plain attribute, not a buffer,
+        # so module-wide casts and state_dict never touch it.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _PACK_HINT_TOKENS)
+        self.bias = linear.bias.detach() if linear.bias is not None else None  # [out]
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def replace_linears(
+    model: nn.Module, select: Callable[[str, nn.Linear], bool], build: Callable[[nn.Linear], nn.Module]
+) -> int:
+    """Swap each ``nn.Linear`` (exactly that type) that ``select(name, module)`` picks for
+    ``build(module)``; returns how many were swapped."""
+    targets = [name for name, module in model.named_modules() if type(module) is nn.Linear and select(name, module)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build(getattr(parent, child)))
+    return len(targets)
+
+
+def pack_linears(model: nn.Module, dtypes: tuple[torch.dtype, ...]) -> int:
+    """Pre-pack every CPU ``nn.Linear`` whose weight dtype is in ``dtypes``; returns how many."""
+    if not onednn_available():
+        return 0
+    return replace_linears(model, lambda _, m: m.weight.device.type == "cpu" and m.weight.dtype in dtypes, PackedLinear)
