@@ -6,13 +6,18 @@ The only layer that needs sequence boundaries. Queries, keys and values arrive p
 (sequences of similar length, see ``runner/batch.py``) is scattered into its own right-padded grid,
 attended, and gathered back, so padding costs attention work only, and only within a group.
 torch's SDPA (its fused CPU/GPU kernels) runs every case it can express; soft-capping needs the
-explicit formula. Models with their own attention scores (DeBERTa's relative positions) reuse
+explicit formula. On a GPU in half precision, flash attention's variable-length kernel
+(``torch.nn.attention.varlen``) takes the packed rows directly: no grid, no padding, one launch per
+layer whatever the mix of lengths. Models with their own attention scores (DeBERTa's relative positions) reuse
 ``to_grid`` / ``from_grid`` / ``key_mask``.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,8 @@ def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, spec: AttentionSpec
 ) -> torch.Tensor:
     """``q``: [num_tokens, heads * head_dim]; ``k``, ``v``: [num_tokens, kv_heads * head_dim] -> like ``q``."""
+    if uses_varlen(q, spec):
+        return varlen_attention(q, k, v, batch, spec, _varlen_kernel())
     groups = batch.attn_groups
     if len(groups) == 1:
         return _group_attention(q, k, v, groups[0], spec)
@@ -57,6 +64,64 @@ def fused_qkv_attention(qkv: torch.Tensor, batch: Batch, num_heads: int) -> torc
     hidden = qkv.shape[1] // 3
     q, k, v = qkv.split(hidden, dim=1)  # views, no copy
     return packed_attention(q, k, v, batch, AttentionSpec(num_heads=num_heads, head_dim=hidden // num_heads))
+
+
+# Flash attention's limits: half precision, head_dim a multiple of 8 up to 256.
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+_VARLEN_MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def _varlen_kernel() -> Callable[..., Any] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+def varlen_eligible(device_type: str, dtype: torch.dtype, spec: AttentionSpec) -> bool:
+    """Whether a layer fits the variable-length kernel: CUDA, half precision, no soft-capping,
+    a head size flash attention supports."""
+    return (
+        device_type == "cuda"
+        and dtype in _VARLEN_DTYPES
+        and spec.softcap is None
+        and spec.head_dim % 8 == 0
+        and spec.head_dim <= _VARLEN_MAX_HEAD_DIM
+    )
+
+
+def uses_varlen(q: torch.Tensor, spec: AttentionSpec) -> bool:
+    """Whether ``packed_attention`` runs the variable-length GPU kernel for this layer."""
+    return varlen_eligible(q.device.type, q.dtype, spec) and _varlen_kernel() is not None
+
+
+def varlen_window(spec: AttentionSpec) -> tuple[int, int]:
+    """``spec`` as flash attention's (left, right) window: -1 is unbounded, right 0 is causal."""
+    left = spec.window if spec.window is not None else -1
+    right = 0 if spec.causal else left
+    return left, right
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, spec: AttentionSpec, kernel: Any
+) -> torch.Tensor:
+    """Packed rows straight through a variable-length kernel with ``varlen_attn``'s signature."""
+    heads, kv_heads, dim = spec.num_heads, spec.kv_heads, spec.head_dim
+    out = kernel(
+        q.unflatten(-1, (heads, dim)),  # [num_tokens, heads, dim]
+        k.unflatten(-1, (kv_heads, dim)),  # [num_tokens, kv_heads, dim]
+        v.unflatten(-1, (kv_heads, dim)),
+        batch.cu_seqlens,
+        batch.cu_seqlens,
+        batch.max_seqlen,
+        batch.max_seqlen,
+        scale=spec.scale,
+        window_size=varlen_window(spec),
+        enable_gqa=kv_heads != heads,
+    )
+    return out.flatten(1)  # [num_tokens, heads * dim]
 
 
 def to_grid(rows: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
