@@ -7,13 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 import winnow
 from winnow.errors import InvalidInputError
-from winnow.server.serving import get_state
+from winnow.server.serving import FastJSONResponse, get_state
 
 router = APIRouter(tags=["admin"])
 
@@ -22,7 +22,7 @@ Invocation = tuple[type[BaseModel], Callable[[Any, HTTPRequest], Awaitable[Respo
 
 
 @router.get("/v1/models")
-async def models(http: HTTPRequest) -> JSONResponse:
+async def models(http: HTTPRequest) -> FastJSONResponse:
     state = get_state(http)
     cards: list[dict[str, Any]] = [
         {
@@ -37,7 +37,7 @@ async def models(http: HTTPRequest) -> JSONResponse:
         }
         for name in state.settings.served_model_names
     ]
-    return JSONResponse({"object": "list", "data": cards})
+    return FastJSONResponse({"object": "list", "data": cards})
 
 
 @router.get("/health")
@@ -53,8 +53,8 @@ async def health(http: HTTPRequest) -> Response:
 
 
 @router.get("/version")
-async def version() -> JSONResponse:
-    return JSONResponse({"version": winnow.__version__})
+async def version() -> FastJSONResponse:
+    return FastJSONResponse({"version": winnow.__version__})
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse
 
 from winnow.params import PoolingParams
 from winnow.server.errors import NotImplementedRouteError
 from winnow.server.protocol import ClassifyRequest, ClassifyResponse
-from winnow.server.serving import get_state, list_body, tokenize_body
+from winnow.server.serving import FastJSONResponse, get_state, list_body, tokenize_body
 from winnow.server.state import response_id
 
 router = APIRouter(tags=["classification"])
@@ -17,7 +16,7 @@ router = APIRouter(tags=["classification"])
 
 @router.post("/classify", response_model=ClassifyResponse)
 @router.post("/v1/classify", response_model=ClassifyResponse, include_in_schema=False)
-async def classify(body: ClassifyRequest, http: HTTPRequest) -> JSONResponse:
+async def classify(body: ClassifyRequest, http: HTTPRequest) -> FastJSONResponse:
     """Classify each input (a text, a token-id list, or a batch of either) or one chat conversation."""
     state = get_state(http)
     state.check_model(body.model)
@@ -35,4 +34,4 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> JSONResponse:
             {"index": index, "label": id2label.get(int(output.argmax())), "probs": probs, "num_classes": len(probs)}
         )
     rid, model = response_id("classify", http, body.request_id), body.model or state.served_name
-    return JSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))
+    return FastJSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.params import PoolingParams, check_task
 from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
-from winnow.server.serving import get_state, list_body, prompts_of, tokenize_body, truncation_of
+from winnow.server.serving import FastJSONResponse, get_state, list_body, prompts_of, tokenize_body, truncation_of
 from winnow.server.state import response_id
 
 router = APIRouter(tags=["pooling"])
@@ -64,11 +64,11 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         }
         for i, out in enumerate(outputs)
     ]
-    return JSONResponse(list_body(rid, model, data, num_tokens))
+    return FastJSONResponse(list_body(rid, model, data, num_tokens))
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> JSONResponse:
+async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONResponse:
     """OpenAI-compatible embeddings (L2-normalised unless use_activation is false)."""
     state = get_state(http)
     state.check_model(body.model)
@@ -90,7 +90,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> JSONResponse:
         }
         for i, out in enumerate(outputs)
     ]
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "id": response_id("embd", http, body.request_id),
             "object": "list",

@@ -12,19 +12,18 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse
 
 from winnow.inputs.scoring import ScorePlan, parse_score_side, plan_scores
 from winnow.params import PoolingParams
 from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, _ScoreOptions
-from winnow.server.serving import get_state, list_body, truncation_of
+from winnow.server.serving import FastJSONResponse, get_state, list_body, truncation_of
 from winnow.server.state import ServerState, response_id
 
 router = APIRouter(tags=["scoring"])
 
 
 @router.post("/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
+async def score(body: ScoreRequest, http: HTTPRequest) -> FastJSONResponse:
     """Score (query, document) pairs: 1:1, 1:N or N:N; results in document order."""
     state = get_state(http)
     state.check_model(body.model)
@@ -32,18 +31,18 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
     scores, plan = await _run_scores(state, http, body, queries, documents)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     rid, model = response_id("score", http, body.request_id), body.model or state.served_name
-    return JSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
+    return FastJSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
 
 
 @router.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
-async def score_v1(body: ScoreRequest, http: HTTPRequest) -> JSONResponse:
+async def score_v1(body: ScoreRequest, http: HTTPRequest) -> FastJSONResponse:
     get_state(http).warn_once("/v1/score is deprecated; use /score.")
     return await score(body, http)
 
 
 @router.post("/rerank", response_model=RerankResponse)
 @router.post("/v2/rerank", response_model=RerankResponse, include_in_schema=False)
-async def rerank(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
+async def rerank(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
     """Rank documents by relevance to the query (Jina/Cohere shape), best first, top_n of them."""
     state = get_state(http)
     state.check_model(body.model)
@@ -63,7 +62,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
         for i in order
     ]
     num_tokens = plan.num_usage_tokens
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "id": response_id("score", http, body.request_id),
             "model": body.model or state.served_name,
@@ -74,7 +73,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, include_in_schema=False)
-async def rerank_v1(body: RerankRequest, http: HTTPRequest) -> JSONResponse:
+async def rerank_v1(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
     get_state(http).warn_once("/v1/rerank is kept for compatibility; use /rerank.")
     return await rerank(body, http)
 
