@@ -14,3 +14,22 @@ def test_exported_members():
 def test_errors_are_value_errors_where_users_cause_them():
     for cls in (winnow.InvalidInputError, winnow.ConfigError, winnow.ModelLoadError, winnow.PromptTooLongError):
         assert issubclass(cls, ValueError)
+
+
+def test_the_cli_sets_thread_defaults_before_torch_loads():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads: importing the CLI must not load torch,
+    and `winnow serve` must have set it by the time torch is imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, winnow.cli\n"
+        "assert 'torch' not in sys.modules, 'import winnow.cli loaded torch'\n"
+        "winnow.cli.serve = lambda args, dotted: print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules) or 0\n"
+        "raise SystemExit(winnow.cli.main(['serve', 'some-model']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["PASSIVE", "False"]
