@@ -19,7 +19,8 @@ Methodology
 * Systems (each gets one untimed warm-up pass over the workload; its outputs are checked against
   hf-sorted's: max |diff| <= 1e-3 for fp32 systems, 0.02 for bf16/int8 ones):
   winnow (``LLM(folder, device="cpu").classify`` / ``.score``), winnow-bf16 (only on CPUs with
-  AVX512-BF16 or AMX), winnow-int8 (``quantization="int8"``), winnow-single (one prompt per call);
+  AVX512-BF16 or AMX), winnow-int8 (``quantization="int8"``), winnow-single / winnow-bf16-single /
+  winnow-int8-single (one prompt per call);
   hf-sorted / hf-arrival (``bench_offline``'s hand-tuned transformers loops: SDPA, ``inference_mode``,
   tokenized once and sorted by length / batched in arrival order, batches of 32); pipeline
   (``pipeline("text-classification", batch_size=32)``, ``top_k=None``; classifiers only);
@@ -115,6 +116,8 @@ SYSTEMS: dict[str, SystemInfo] = {
     "winnow-bf16": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-int8": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-single": SystemInfo(single=True),
+    "winnow-bf16-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
+    "winnow-int8-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "hf-sorted": SystemInfo(),
     "hf-arrival": SystemInfo(),
     "pipeline": SystemInfo(only="texts"),
@@ -264,20 +267,22 @@ WINNOW_VARIANTS: dict[str, dict[str, str]] = {
 
 
 def winnow_runners(folder: Path, pairs: bool, wanted: set[str], skipped: dict[str, str]) -> dict[str, Runner]:
-    """One LLM per variant; winnow-single shares winnow's. A variant that fails to load is recorded."""
+    """One LLM per variant; ``<variant>-single`` shares its variant's. A variant that fails to load is recorded."""
     run = winnow_score if pairs else offline.winnow_classify
     runners: dict[str, Runner] = {}
     for name, kwargs in WINNOW_VARIANTS.items():
-        if name not in wanted and not (name == "winnow" and "winnow-single" in wanted):
+        single = f"{name}-single"
+        if not wanted & {name, single}:
             continue
         try:
             runners[name] = functools.partial(run, LLM(str(folder), device="cpu", **kwargs))
         except Exception as exc:
             record_error(skipped, name, exc, "loading")
-    if "winnow" in runners:
-        runners["winnow-single"] = one_at_a_time(runners["winnow"])
-    elif "winnow-single" in wanted:
-        skipped["winnow-single"] = skipped["winnow"]
+            if single in wanted:
+                skipped[single] = skipped[name]
+            continue
+        if single in wanted:
+            runners[single] = one_at_a_time(runners[name])
     return runners
 
 
@@ -328,8 +333,8 @@ def check_fusions(spec: offline.ModelSpec, ops: dict[str, int]) -> None:
 def skip_reasons(spec: offline.ModelSpec, wanted: set[str]) -> dict[str, str]:
     kind = "pairs" if is_pair_model(spec) else "texts"
     reasons = {n: f"n/a: {SYSTEMS[n].only} only" for n in wanted if SYSTEMS[n].only not in (None, kind)}
-    if "winnow-bf16" in wanted and not bf16_supported():
-        reasons["winnow-bf16"] = "skipped: no bf16 hardware"
+    if not bf16_supported():
+        reasons.update(dict.fromkeys(wanted & {"winnow-bf16", "winnow-bf16-single"}, "skipped: no bf16 hardware"))
     return reasons
 
 
