@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -149,8 +150,10 @@ def test_disconnect_is_not_a_server_error(classifier):
 POISON = [2, 77, 77, 77, 77, 77, 77, 77, 3]  # a token-id prompt the broken runner below refuses
 
 
-def test_a_failing_batch_fails_only_its_request(classifier_path):
-    """A crash inside the model is a 500 without internals; the engine and other requests carry on."""
+def test_a_failing_batch_fails_only_its_request(classifier_path, caplog):
+    """A crash inside the model is a 500 without internals, logged with its traceback; the engine,
+    other requests and the client's keep-alive connection carry on."""
+    caplog.set_level(logging.ERROR, logger="winnow.server.middleware")
     with live_server(classifier_path, engine={"max_num_seqs": 1}) as live:
         runner = live.state.engine.core.runner
         real_execute = runner.execute
@@ -165,7 +168,8 @@ def test_a_failing_batch_fails_only_its_request(classifier_path):
         response = live.post("/classify", {"input": [hello, POISON]})
         error = assert_error(response, 500, "InternalServerError")
         assert error["message"] == "Internal server error."
-        assert live.ok("/classify", {"input": PROMPTS[:3]})["data"]
+        assert "kernel exploded at /secret/path" in caplog.text and "Traceback" in caplog.text
+        assert live.ok("/classify", {"input": PROMPTS[:3]})["data"]  # same connection
         live.assert_serving()
 
 

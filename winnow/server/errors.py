@@ -94,7 +94,7 @@ def status_of(exc: BaseException) -> tuple[int, str]:
 def error_response(exc: BaseException) -> JSONResponse:
     """Render any exception as the vLLM error shape with its status from the table."""
     status, kind = status_of(exc)
-    # A bug: the client gets no stack trace or internals; Starlette re-raises it for the server log.
+    # A bug: the client gets no stack trace or internals (InternalErrorMiddleware logs the traceback).
     message = "Internal server error." if status == HTTPStatus.INTERNAL_SERVER_ERROR else str(exc)
     return JSONResponse(error_body(message, kind, status, getattr(exc, "param", None)), status_code=status)
 
@@ -120,4 +120,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(WinnowError, on_error)
     app.add_exception_handler(ServerError, on_error)
-    app.add_exception_handler(Exception, on_error)
+    # Anything else is a bug: answered by InternalErrorMiddleware (middleware.py), which, unlike
+    # Starlette's last-resort handler, keeps the connection open.

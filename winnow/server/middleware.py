@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: API-key check, request-body limit, and per-route request metrics."""
+"""Pure ASGI middleware: API-key check, request-body limit, per-route request metrics, and the
+last-resort answer for bugs."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,6 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from winnow.server.errors import PayloadTooLargeError, UnauthorizedError, error_response
 from winnow.server.state import ServerState
+
+logger = logging.getLogger(__name__)
 
 # Liveness probes stay open even with --api-key, so orchestrators need no secret.
 OPEN_PATHS = frozenset({"/health", "/ping"})
@@ -71,6 +75,34 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class InternalErrorMiddleware:
+    """An exception no handler maps (a bug) becomes a 500 without internals, logged here with its
+    traceback. Starlette's own last-resort handler re-raises after answering, and uvicorn then
+    drops the connection, so a keep-alive client's next request would meet a reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception as exc:
+            if started:  # part of an answer is out; nothing valid can follow it
+                raise
+            logger.exception("Internal error while serving %s %s", scope.get("method"), scope.get("path"))
+            await error_response(exc)(scope, receive, send)
+
+
 class MetricsMiddleware:
     """Counts requests by route template and status, and times them end to end."""
 
@@ -108,7 +140,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def install_middleware(app: Any, state: ServerState) -> None:
-    # Added last runs first: metrics see every answer, including 401 and 413.
+    # Added last runs first: metrics see every answer, including 401, 413 and 500.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_request_body_bytes)
     app.add_middleware(ApiKeyMiddleware, state=state)
     app.add_middleware(MetricsMiddleware, state=state)
