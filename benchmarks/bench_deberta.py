@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -35,14 +34,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Debe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import (  # the sibling script, importable once its folder is on the path
-    Timing,
-    check_agreement,
     describe_lengths,
+    head_to_head,
     hf_classify_sorted,
     load_average,
     make_workload,
-    timed,
-    tokenizer_source,
+    print_head_to_head,
+    save_random_model,
     winnow_classify,
 )
 
@@ -70,20 +68,8 @@ V3_BASE = {
 
 
 def build_folder(root: Path) -> Path:
-    folder = root / "deberta-v3-base-random-cls"
-    if (folder / "model.safetensors").exists():
-        print(f"reusing {folder}")
-        return folder
     config = DebertaV2Config(**V3_BASE, num_labels=2, architectures=["DebertaV2ForSequenceClassification"])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(tmp)
-    tmp.rename(folder)
-    print(f"built {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
-    return folder
+    return save_random_model(root / "deberta-v3-base-random-cls", config)
 
 
 def load_hf(folder: Path) -> tuple[Any, str]:
@@ -123,27 +109,8 @@ def main() -> int:
             f"hf {attn} sorted": lambda: hf_classify_sorted(hf_model, tokenizer, texts, args.hf_batch_size),
             "winnow": lambda: winnow_classify(llm, texts),
         }
-        warm = {}
-        for name, fn in systems.items():
-            seconds, warm[name] = timed(fn)
-            print(f"warm-up {name:<16} {seconds:7.2f}s")
-        baseline_name = next(iter(systems))
-        check_agreement(warm[baseline_name], warm["winnow"], args.atol, "winnow")
-
-        timings = {name: Timing(name) for name in systems}
-        names = list(systems)
-        for rep in range(args.repeats):
-            for name in names[rep % 2 :] + names[: rep % 2]:  # alternate who goes first
-                seconds, _ = timed(systems[name])
-                timings[name].seconds.append(seconds)
-                print(f"run {rep + 1}/{args.repeats} {name:<16} {seconds:7.2f}s")
-
-    print(f"\nmedian of {args.repeats} (tokenization included), {args.num_prompts} prompts, {sum(lengths)} tokens")
-    for name, t in timings.items():
-        runs = ", ".join(f"{s:.2f}" for s in t.seconds)
-        print(f"{name:<16} {t.median_s:7.2f}s  {args.num_prompts / t.median_s:7.2f} seq/s   runs [{runs}]")
-    ratio = timings[baseline_name].median_s / timings["winnow"].median_s
-    print(f"winnow / {baseline_name}: {ratio:.2f}x; load average at end {load_average()}")
+        timings, _ = head_to_head(systems, args.repeats, args.atol)
+    print_head_to_head(timings, args.num_prompts, sum(lengths))
     return 0
 
 

@@ -25,12 +25,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,14 +36,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import (
-    Timing,
-    check_agreement,
     describe_lengths,
+    head_to_head,
+    hf_classify_sorted,
     load_average,
     make_workload,
-    pad_batch,
-    timed,
-    tokenizer_source,
+    print_head_to_head,
+    save_random_model,
+    winnow_classify,
 )
 
 from winnow import LLM
@@ -65,38 +63,8 @@ QWEN3_0_6B = {
 
 
 def build_model_folder(root: Path, tokenizer_dir: str | None = None) -> Path:
-    folder = root / "qwen3-0.6b-shape-random-seq-cls"
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        print(f"reusing {folder}")
-        return folder
     config = Qwen3Config(**QWEN3_0_6B, num_labels=1, pad_token_id=0, architectures=["Qwen3ForSequenceClassification"])
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir or tokenizer_source()).save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    print(f"built {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)")
-    return folder
-
-
-def hf_classify_sorted(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    """Length-sorted, right-padded batches; sigmoid of the single logit, in input order."""
-    encoded = tokenizer(texts, return_token_type_ids=False)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-    probs = np.empty((len(texts), 1), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            logits = model(**pad_batch(encoded, rows, tokenizer.pad_token_id)).logits
-            probs[rows] = torch.sigmoid(logits.float()).numpy()
-    return probs
-
-
-def winnow_classify(llm: LLM, texts: list[str]) -> np.ndarray:
-    return np.asarray([o.outputs.probs for o in llm.classify(texts, use_tqdm=False)], dtype=np.float32)
+    return save_random_model(root / "qwen3-0.6b-shape-random-seq-cls", config, tokenizer_dir)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -126,30 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).eval()
         llm = LLM(str(folder), device="cpu")
         systems: dict[str, Callable[[], np.ndarray]] = {
-            "hf sorted": lambda: hf_classify_sorted(hf_model, tokenizer, texts, args.hf_batch_size),
+            "hf sorted": lambda: hf_classify_sorted(
+                hf_model, tokenizer, texts, args.hf_batch_size, token_type_ids=False
+            ),
             "winnow": lambda: winnow_classify(llm, texts),
         }
-        warm = {}
-        for name, fn in systems.items():
-            seconds, warm[name] = timed(fn)
-            print(f"warm-up {name:<10} {seconds:7.2f}s")
-        check_agreement(warm["hf sorted"], warm["winnow"], args.atol, "winnow")
-
-        timings = {name: Timing(name) for name in systems}
-        names = list(systems)
-        for rep in range(args.repeats):
-            for name in names[rep % 2 :] + names[: rep % 2]:  # alternate who goes first
-                seconds, _ = timed(systems[name])
-                timings[name].seconds.append(seconds)
-                print(f"run {rep + 1}/{args.repeats} {name:<10} {seconds:7.2f}s")
-
-    print(f"\nmedian of {args.repeats} runs, {args.num_prompts} prompts, {sum(lengths)} tokens:")
-    for name, t in timings.items():
-        runs = ", ".join(f"{s:.1f}" for s in t.seconds)
-        seqs, toks = args.num_prompts / t.median_s, sum(lengths) / t.median_s
-        print(f"  {name:<10} {seqs:6.2f} seq/s  ({toks:6.0f} tok/s; runs {runs} s)")
-    ratio = timings["hf sorted"].median_s / timings["winnow"].median_s
-    print(f"  winnow / hf sorted = {ratio:.2f}x; load average at end {load_average()}")
+        timings, _ = head_to_head(systems, args.repeats, args.atol)
+    print_head_to_head(timings, args.num_prompts, sum(lengths))
     return 0
 
 

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +34,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offline import (
-    check_agreement,
     describe_lengths,
+    head_to_head,
+    hf_classify_sorted,
     load_average,
     make_workload,
-    pad_batch,
-    timed,
+    print_head_to_head,
+    save_random_model,
     tokenizer_source,
     winnow_classify,
 )
@@ -50,7 +49,6 @@ from winnow import LLM
 
 
 def build_folder(root: Path) -> Path:
-    folder = root / "modernbert-base-random-cls"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source())
     config = ModernBertConfig(
         vocab_size=50368,
@@ -69,23 +67,7 @@ def build_folder(root: Path) -> Path:
         num_labels=2,
         architectures=["ModernBertForSequenceClassification"],
     )
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def hf_classify_sorted(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    """bench_offline's baseline, without token_type_ids (ModernBERT has none)."""
-    encoded = tokenizer(texts, truncation=True, return_token_type_ids=False)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-    probs = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            logits = model(**pad_batch(encoded, rows, tokenizer.pad_token_id)).logits
-            probs[rows] = logits.float().softmax(dim=-1).numpy()
-    return probs
+    return save_random_model(root / "modernbert-base-random-cls", config)
 
 
 def main() -> int:
@@ -110,32 +92,15 @@ def main() -> int:
         ).eval()
         llm = LLM(str(folder), device="cpu")
         assert llm.model_config.entry.is_native
-        systems = {
-            "transformers": lambda: hf_classify_sorted(hf_model, tokenizer, texts, args.hf_batch_size),
+        systems: dict[str, Callable[[], np.ndarray]] = {
+            "transformers": lambda: hf_classify_sorted(
+                hf_model, tokenizer, texts, args.hf_batch_size, token_type_ids=False
+            ),
             "winnow": lambda: winnow_classify(llm, texts),
         }
-        warm = {name: timed(fn)[1] for name, fn in systems.items()}
-        check_agreement(warm["transformers"], warm["winnow"], args.atol, "winnow")
-        seconds: dict[str, list[float]] = {name: [] for name in systems}
-        cpu: dict[str, list[float]] = {name: [] for name in systems}
-        names = list(systems)
-        for rep in range(args.repeats):
-            for name in names[rep % 2 :] + names[: rep % 2]:
-                cpu_start = time.process_time()
-                elapsed, _ = timed(systems[name])
-                seconds[name].append(elapsed)
-                cpu[name].append(time.process_time() - cpu_start)
-                print(f"run {rep + 1}/{args.repeats} {name:<12} {elapsed:7.2f}s wall {cpu[name][-1]:7.2f}s cpu")
-
-    rate = {name: args.num_prompts / statistics.median(s) for name, s in seconds.items()}
-    for name, s in seconds.items():
-        print(
-            f"{name:<12} median {statistics.median(s):6.2f}s wall  {rate[name]:6.2f} seq/s  "
-            f"median {statistics.median(cpu[name]):6.2f}s cpu  runs {[round(x, 2) for x in s]}"
-        )
-    cpu_ratio = statistics.median(cpu["transformers"]) / statistics.median(cpu["winnow"])
-    print(f"winnow / transformers = {rate['winnow'] / rate['transformers']:.2f}x (wall), {cpu_ratio:.2f}x (cpu time)")
-    print(f"load average at end {load_average()} (the machine is shared; figures are indicative)")
+        timings, _ = head_to_head(systems, args.repeats, args.atol)
+    print_head_to_head(timings, args.num_prompts, sum(lengths))
+    print("(the machine is shared; figures are indicative)")
     return 0
 
 

