@@ -31,49 +31,23 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time the na
     from winnow.params import PoolerConfig, PoolingParams, PoolingType
 
 # Names resolve on first use (PEP 562), so ``import winnow.cli`` does not load torch: the CLI sets
-# the thread-pool environment before torch's OpenMP runtime reads it.
-_EXPORTS = {
-    "LLM": "winnow.llm",
-    **dict.fromkeys(
-        [
-            "ConfigError",
-            "EngineDeadError",
-            "EngineOverloadedError",
-            "InvalidInputError",
-            "ModelLoadError",
-            "PromptTooLongError",
-            "UnsupportedTaskError",
-            "WinnowError",
-        ],
-        "winnow.errors",
-    ),
-    **dict.fromkeys(
-        [
-            "ClassificationOutput",
-            "ClassificationRequestOutput",
-            "EmbeddingOutput",
-            "EmbeddingRequestOutput",
-            "PoolingOutput",
-            "PoolingRequestOutput",
-            "ScoringOutput",
-            "ScoringRequestOutput",
-        ],
-        "winnow.outputs",
-    ),
-    **dict.fromkeys(["PoolerConfig", "PoolingParams", "PoolingType"], "winnow.params"),
-}
+# the thread-pool environment before torch's OpenMP runtime reads it. Each name in ``__all__``
+# lives in one of these modules (the TYPE_CHECKING imports above say which).
+_MODULES = ("winnow.errors", "winnow.params", "winnow.outputs", "winnow.llm")
 
 
 def __getattr__(name: str) -> _typing.Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'winnow' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+    if name in __all__:
+        for module_name in _MODULES:
+            module = _importlib.import_module(module_name)
+            if hasattr(module, name):
+                globals()[name] = value = getattr(module, name)
+                return value
+    raise AttributeError(f"module 'winnow' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))
 
 
 __version__ = "0.1.0"
