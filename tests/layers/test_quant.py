@@ -18,7 +18,8 @@ from tests.models.test_decoders import build_decoder
 from tests.models.test_modernbert import build_modernbert
 from tests.tiny_models import PROMPTS
 from winnow import LLM, ConfigError
-from winnow.layers.quant import Int8Linear, quantize_int8
+from winnow.layers.linear import PackedLinear, cpu_has_fast
+from winnow.layers.quant import Int8Linear, compiled_int8_linear, int8_linear, quantize_int8
 
 PROB_ATOL = 0.02  # the issue's gate for random classifiers
 
@@ -53,6 +54,34 @@ def test_no_bias_and_half_inputs_keep_their_dtype():
     assert layer(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 37, 300])
+def test_compiled_kernel_equals_the_eager_ops(tokens):
+    """One compiled function serves every token count (dynamic shapes) with the eager numbers."""
+    fn = compiled_int8_linear()
+    assert fn is not int8_linear, "Inductor could not compile here (the warning in the log says why)"
+    torch.manual_seed(tokens)
+    layer = Int8Linear(nn.Linear(96, 40))
+    x = torch.randn(tokens, 96) * 3
+    with torch.inference_mode():
+        for bias in (layer.bias, None):
+            want = int8_linear(x, layer.qweight, layer.weight_scale, bias)
+            torch.testing.assert_close(fn(x, layer.qweight, layer.weight_scale, bias), want, atol=1e-5, rtol=1e-6)
+
+
+def test_a_failed_compile_falls_back_to_the_eager_ops(monkeypatch, caplog):
+    """No C++ compiler on the user's machine: the same numbers, eagerly, and a warning."""
+
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no working C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiled_int8_linear.__wrapped__() is int8_linear
+    assert "no working C++ compiler" in caplog.text
+
+
 def test_only_matching_linears_are_replaced():
     model = nn.Module()
     model.ffn = nn.Linear(8, 8)
@@ -60,6 +89,25 @@ def test_only_matching_linears_are_replaced():
     assert quantize_int8(model, (r"ffn",), torch.device("cpu")) == 1
     assert isinstance(model.ffn, Int8Linear)
     assert isinstance(model.attn, nn.Linear)
+
+
+def test_other_linears_can_run_in_another_dtype_except_the_kept_ones():
+    model = nn.Module()
+    model.ffn, model.attn, model.classifier = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+    assert quantize_int8(model, (r"ffn",), torch.device("cpu"), others=torch.bfloat16, keep=("classifier",)) == 1
+    assert isinstance(model.ffn, Int8Linear)
+    assert isinstance(model.attn, PackedLinear) and model.attn.dtype == torch.bfloat16
+    assert type(model.classifier) is nn.Linear
+
+
+@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
+def test_int8_models_run_attention_projections_in_bf16_where_the_cpu_has_it(make_model, make_llm):
+    model = make_llm(make_model("bert", "seq", num_labels=3), quantization="int8").engine.core.runner.model
+    layer = model.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate.dense, Int8Linear)
+    assert isinstance(layer.attention.self.qkv_proj, PackedLinear)
+    assert layer.attention.self.qkv_proj.dtype == torch.bfloat16
+    assert model.classifier.dtype == torch.float32  # the head stays in the head dtype
 
 
 def test_gpu_and_unsupported_models_are_refused():

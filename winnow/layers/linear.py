@@ -37,18 +37,24 @@ def onednn_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an ``nn.Linear`` on the CPU (inference only)."""
+    """Drop-in for an ``nn.Linear`` on the CPU (inference only). ``dtype``: the GEMM's dtype when it
+    differs from the weight's (inputs are cast to it and outputs cast back); None: the weight's."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.dtype = dtype or linear.weight.dtype
+        weight = linear.weight.detach().to(self.dtype)
         # An opaque oneDNN tensor: [out, in] logically; kept as a plain attribute, not a buffer,
         # so module-wide casts and state_dict never touch it.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _PACK_HINT_TOKENS)
-        self.bias = linear.bias.detach() if linear.bias is not None else None  # [out]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT_TOKENS)
+        self.bias = linear.bias.detach().to(self.dtype) if linear.bias is not None else None  # [out]
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if x.dtype == self.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        return out.to(x.dtype)
 
 
 def replace_linears(

@@ -58,7 +58,15 @@ class ModelRunner:
         self.device = device
         self.model = model if model is not None else load_model(config, device)
         if quantization == "int8":
-            quantize_int8(self.model, getattr(self.model, "quantizable", ()), device)
+            # int8 already trades exactness for speed: bf16 GEMMs for the rest where the CPU has them.
+            fast_bf16 = config.dtype == torch.float32 and device.type == "cpu" and cpu_has_fast(torch.bfloat16)
+            quantize_int8(
+                self.model,
+                getattr(self.model, "quantizable", ()),
+                device,
+                others=torch.bfloat16 if fast_bf16 else None,
+                keep=getattr(self.model, "head_prefixes", ()),
+            )
         if device.type == "cpu" and config.entry.is_native:
             # Half-precision linears are packed only where the CPU has instructions for them.
             pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
