@@ -156,14 +156,14 @@ def test_a_failing_batch_fails_only_its_request(classifier_path, caplog):
     caplog.set_level(logging.ERROR, logger="winnow.server.middleware")
     with live_server(classifier_path, engine={"max_num_seqs": 1}) as live:
         runner = live.state.engine.core.runner
-        real_execute = runner.execute
+        real_launch = runner.launch
 
-        def execute(requests):
+        def launch(requests):
             if any(list(r.prompt.token_ids) == POISON for r in requests):
                 raise RuntimeError("kernel exploded at /secret/path")
-            return real_execute(requests)
+            return real_launch(requests)
 
-        runner.execute = execute
+        runner.launch = launch
         hello = live.ok("/tokenize", {"prompt": "hello"})["tokens"]
         response = live.post("/classify", {"input": [hello, POISON]})
         error = assert_error(response, 500, "InternalServerError")

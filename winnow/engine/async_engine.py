@@ -17,13 +17,15 @@ from collections.abc import Sequence
 
 import torch
 
-from winnow.engine.engine_core import EngineCore
+from winnow.engine.engine_core import EngineCore, InFlight
 from winnow.engine.request import Request
 from winnow.errors import EngineDeadError, EngineOverloadedError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 _Pending = tuple["asyncio.Future[torch.Tensor]", asyncio.AbstractEventLoop]
+_Output = torch.Tensor | BaseException
+_Launch = tuple[list[Request], "InFlight | BaseException"]  # a batch and its handle, or why it failed to launch
 
 
 class AsyncEngine:
@@ -98,15 +100,22 @@ class AsyncEngine:
     # -- the loop thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # Where the runner overlaps (GPU), batch N+1 is launched before batch N is collected.
+        in_flight: _Launch | None = None
         try:
             while True:
                 with self._cond:
-                    while not self.core.has_unfinished() and not self._stopping:
+                    while in_flight is None and not self.core.has_unfinished() and not self._stopping:
                         self._cond.wait()
-                    if not self.core.has_unfinished():
-                        return  # stopping and drained
                     batch = self.core.schedule()
-                self._execute(batch)
+                if not batch and in_flight is None:
+                    return  # stopping and drained
+                launched = self._launch(batch) if batch else None
+                if not self.core.overlaps:
+                    in_flight, launched = launched, None
+                if in_flight is not None:
+                    self._finish(in_flight)
+                in_flight = launched
         except BaseException as e:  # a dead loop must fail every waiter, whatever killed it
             logger.exception("The engine loop stopped")
             self._dead = e
@@ -116,34 +125,50 @@ class AsyncEngine:
         with self._cond:
             pending, self._pending = self._pending, {}
         for future, loop in pending.values():
-            _hand_back(loop, future, error)
+            _hand_back(loop, [(future, error)])
 
-    def _execute(self, batch: list[Request]) -> None:
+    def _launch(self, batch: list[Request]) -> _Launch:
         try:
-            outputs: list[torch.Tensor | BaseException] = list(self.core.execute(batch))
+            return batch, self.core.launch(batch)
         except Exception as e:
             logger.exception("A batch of %d requests failed", len(batch))
-            outputs = [e] * len(batch)
+            return batch, e
+
+    def _finish(self, launch: _Launch) -> None:
+        batch, in_flight = launch
+        outputs: list[_Output]
+        if isinstance(in_flight, BaseException):
+            outputs = [in_flight] * len(batch)
+        else:
+            try:
+                outputs = list(self.core.collect(in_flight))
+            except Exception as e:
+                logger.exception("A batch of %d requests failed", len(batch))
+                outputs = [e] * len(batch)
         with self._cond:
             waiters = [self._pending.pop(r.request_id, None) for r in batch]
+        # One wake-up per event loop for the whole batch, not one per request: each is a syscall
+        # and a loop iteration, taken from the cores the next forward pass is using.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[torch.Tensor], _Output]]] = {}
         for waiter, output in zip(waiters, outputs):
             if waiter is not None:  # None: the client went away while its request ran
                 future, loop = waiter
-                _hand_back(loop, future, output)
+                by_loop.setdefault(loop, []).append((future, output))
+        for loop, results in by_loop.items():
+            _hand_back(loop, results)
 
 
-def _hand_back(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[torch.Tensor], output: torch.Tensor | BaseException
-) -> None:
-    """Deliver a result on the client's own event loop; a client whose loop has closed is simply gone."""
+def _hand_back(loop: asyncio.AbstractEventLoop, results: list[tuple[asyncio.Future[torch.Tensor], _Output]]) -> None:
+    """Deliver results on their clients' event loop; a client whose loop has closed is simply gone."""
     with contextlib.suppress(RuntimeError):  # "Event loop is closed"
-        loop.call_soon_threadsafe(_resolve, future, output)
+        loop.call_soon_threadsafe(_resolve, results)
 
 
-def _resolve(future: asyncio.Future[torch.Tensor], output: torch.Tensor | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(output, BaseException):
-        future.set_exception(output)
-    else:
-        future.set_result(output)
+def _resolve(results: list[tuple[asyncio.Future[torch.Tensor], _Output]]) -> None:
+    for future, output in results:
+        if future.done():
+            continue
+        if isinstance(output, BaseException):
+            future.set_exception(output)
+        else:
+            future.set_result(output)

@@ -14,7 +14,7 @@ from winnow.engine.request import Request
 from winnow.engine.scheduler import Scheduler
 from winnow.inputs.prompts import TokenizedPrompt
 from winnow.params import PoolingParams
-from winnow.runner.model_runner import ModelRunner
+from winnow.runner.model_runner import Launched, ModelRunner
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,18 @@ class StepStats:
     max_seqlen: int
     padding_fraction: float = 0.0  # share of attention work spent on padding (dense layers never see any)
     queue_seconds: tuple[float, ...] = ()  # per request: batch start minus arrival_time
-    run_seconds: float = 0.0  # forward pass + pooling + copy to host
+    run_seconds: float = (
+        0.0  # launch to outputs on the host (forward, pooling, copy; on a GPU it may overlap the next batch's launch)
+    )
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A launched batch: its requests, when it started, and the runner's handle on it."""
+
+    requests: list[Request]
+    started: float  # time.monotonic() at launch
+    launched: Launched
 
 
 class EngineCore:
@@ -36,23 +47,39 @@ class EngineCore:
         self.scheduler = scheduler
         self.runner = runner
         self.on_step = on_step  # observer for metrics; called after every executed batch
+        self._in_flight: InFlight | None = None  # the batch ``step`` launched and has not yet returned
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
 
     def abort_requests(self, request_ids: set[str]) -> None:
+        """Drop these requests if they still wait, and a batch ``step`` launched that holds any of them."""
         self.scheduler.abort(request_ids)
+        if self._in_flight is not None and any(r.request_id in request_ids for r in self._in_flight.requests):
+            self._in_flight = None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_waiting > 0
+        """Requests waiting, or a batch launched by ``step`` and not yet returned."""
+        return self.scheduler.num_waiting > 0 or self._in_flight is not None
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether batches should be launched before the previous one is collected (GPU)."""
+        return self.runner.overlaps
 
     def schedule(self) -> list[Request]:
         return self.scheduler.schedule()
 
     def execute(self, requests: list[Request]) -> list[torch.Tensor]:
-        started = time.monotonic()
-        outputs = self.runner.execute(requests)
+        return self.collect(self.launch(requests))
+
+    def launch(self, requests: list[Request]) -> InFlight:
+        return InFlight(requests, time.monotonic(), self.runner.launch(requests))
+
+    def collect(self, in_flight: InFlight) -> list[torch.Tensor]:
+        outputs = self.runner.collect(in_flight.launched)
         if self.on_step is not None:
+            requests, started = in_flight.requests, in_flight.started
             lens = [r.num_tokens for r in requests]
             queued = tuple(max(0.0, started - r.arrival_time) for r in requests)
             padding = self.runner.padding_fraction(lens)
@@ -70,8 +97,15 @@ class EngineCore:
         self.runner.execute([Request(f"warmup-{i}", prompt, params) for i in range(num_seqs)])
 
     def step(self) -> list[tuple[Request, torch.Tensor]]:
-        """Schedule one batch, run it, return (request, output) for every request in it."""
+        """Schedule one batch and run it; return (request, output) for every request that finished.
+
+        Where the runner overlaps (GPU), the batch is launched before the previous one is collected,
+        so a step returns the previous batch's results (and the last step the last batch's)."""
         requests = self.schedule()
-        if not requests:
+        launched = self.launch(requests) if requests else None
+        if not self.overlaps:
+            return list(zip(requests, self.collect(launched))) if launched is not None else []
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
             return []
-        return list(zip(requests, self.execute(requests)))
+        return list(zip(previous.requests, self.collect(previous)))

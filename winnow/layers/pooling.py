@@ -80,6 +80,26 @@ def _classify_rule(z: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PooledBatch:
+    """A batch's pooler outputs before they are split per sequence; on the device until ``to_host``."""
+
+    seq_rows: tuple[int, ...]  # sequences with a sequence-level task, in batch order
+    seq_out: torch.Tensor | None  # [len(seq_rows), k] float32
+    tok_rows: tuple[int, ...]  # sequences with a token-level task
+    tok_out: torch.Tensor | None  # [sum of their lengths, k] float32
+    step_ids: torch.Tensor | None  # [num_tokens] the batch's input ids, for STEP pooling's tag filter
+
+    def to_host(self, *, non_blocking: bool = False) -> PooledBatch:
+        """Copies on the CPU. ``non_blocking`` (from a GPU): into pinned memory, valid only once the
+        stream has reached this point (the runner records an event and waits on it)."""
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=non_blocking)
+
+        return PooledBatch(self.seq_rows, host(self.seq_out), self.tok_rows, host(self.tok_out), host(self.step_ids))
+
+
+@dataclass(frozen=True)
 class PoolerSpec:
     """Everything the pooler needs from the model config, resolved once at load time."""
 
@@ -105,23 +125,35 @@ class Pooler:
         self.returns_pooled = bool(getattr(model, "returns_pooled", False))
 
     def __call__(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
-        """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One output per sequence."""
-        results: list[torch.Tensor | None] = [None] * batch.num_seqs
+        """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One CPU output per sequence."""
+        return self.split(self.pool(hidden, batch, params).to_host(), batch, params)
+
+    def pool(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> PooledBatch:
+        """The device half: pooling, head and activation for the whole batch, no host synchronisation."""
         seq_rows = [i for i, p in enumerate(params) if p.task not in TOKEN_TASKS]
         tok_rows = [i for i, p in enumerate(params) if p.task in TOKEN_TASKS]
+        seq_out = tok_out = step_ids = None
         if seq_rows:
             pooled = hidden if self.returns_pooled else self._pool_sequences(hidden, batch)  # [num_seqs, H]
             index = torch.tensor(seq_rows, device=hidden.device)
-            out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows])
-            for row, value in zip(seq_rows, out.float().cpu()):
-                results[row] = self._truncate_embedding(value, params[row])
+            seq_out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows]).float()
         if tok_rows:
-            tokens, lens = self._select_tokens(hidden, batch, tok_rows)
-            out = self._finish(tokens, [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])])
-            ids = batch.input_ids.cpu() if self.spec.tok_pooling is PoolingType.STEP else None
-            for row, value in zip(tok_rows, out.float().cpu().split(lens)):
+            tokens = self._select_tokens(hidden, batch, tok_rows)
+            tok_out = self._finish(tokens, [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])]).float()
+            step_ids = batch.input_ids if self.spec.tok_pooling is PoolingType.STEP else None
+        return PooledBatch(tuple(seq_rows), seq_out, tuple(tok_rows), tok_out, step_ids)
+
+    def split(self, pooled: PooledBatch, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
+        """The host half: one output per sequence from host tensors (``PooledBatch.to_host``)."""
+        results: list[torch.Tensor | None] = [None] * batch.num_seqs
+        if pooled.seq_out is not None:
+            for row, value in zip(pooled.seq_rows, pooled.seq_out):
+                results[row] = self._truncate_embedding(value, params[row])
+        if pooled.tok_out is not None:
+            lens = [batch.seq_lens[i] for i in pooled.tok_rows]
+            for row, value in zip(pooled.tok_rows, pooled.tok_out.split(lens)):
                 value = self._truncate_embedding(value, params[row])
-                results[row] = self._step_filter(value, params[row], batch, row, ids)
+                results[row] = self._step_filter(value, params[row], batch, row, pooled.step_ids)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -144,13 +176,13 @@ class Pooler:
         lens = torch.tensor(batch.seq_lens, device=hidden.device, dtype=torch.float32)
         return sums / lens[:, None]
 
-    def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
-        lens = [batch.seq_lens[i] for i in rows]
+    def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """[sum of the rows' lengths, H]: the tokens of sequences ``rows``, in order."""
         if len(rows) == batch.num_seqs:
-            return hidden, lens
-        starts = [int(s) for s in batch.cu_seqlens[:-1].tolist()]
+            return hidden
+        starts = batch.host_starts
         index = torch.cat([torch.arange(starts[i], starts[i] + batch.seq_lens[i]) for i in rows])
-        return hidden.index_select(0, index.to(hidden.device)), lens  # [sum(lens), H]
+        return hidden.index_select(0, index.to(hidden.device))
 
     # -- heads --------------------------------------------------------------------------------
 
@@ -193,7 +225,7 @@ class Pooler:
         if cols:
             value = value[:, list(cols)]
         if tag is not None:
-            start = int(batch.cu_seqlens[row])
+            start = batch.host_starts[row]
             prompt = ids[start : start + batch.seq_lens[row]]
             value = value[prompt == tag]
         return value

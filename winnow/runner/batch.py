@@ -10,6 +10,7 @@ first, so groups are runs of neighbours.)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,11 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def host_starts(self) -> list[int]:
+        """[num_seqs] index of each sequence's first token, on the host (no device sync)."""
+        return [0, *itertools.accumulate(self.seq_lens)][:-1]
 
     @property
     def first_token_index(self) -> torch.Tensor:

@@ -1,10 +1,15 @@
 """The model runner: owns the model on its device, turns requests into a ``Batch``, runs the forward
 pass and the pooler under ``torch.inference_mode``, and returns one CPU tensor per request.
+
+``execute`` is ``launch`` (pack, forward, pool, start the copy to the host) then ``collect`` (wait,
+split per request). The engine calls the two halves apart on a GPU so that the host prepares and
+launches batch N+1 while the device still runs batch N.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,15 +17,16 @@ import torch
 from torch import nn
 
 from winnow.layers.linear import cpu_has_fast, pack_linears
-from winnow.layers.pooling import Pooler
+from winnow.layers.pooling import PooledBatch, Pooler
 from winnow.layers.quant import quantize_int8
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
-from winnow.runner.batch import build_batch, group_by_length
+from winnow.runner.batch import Batch, build_batch, group_by_length
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
     from winnow.engine.request import Request
+    from winnow.params import PoolingParams
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,17 @@ def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
 _CPU_GROUP_OVERHEAD = 64**2
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A batch whose work is queued on the device; ``ModelRunner.collect`` turns it into outputs."""
+
+    order: list[int]  # order[k]: the index, in the caller's list, of the k-th sequence of the batch
+    batch: Batch
+    params: list[PoolingParams]
+    pooled: PooledBatch  # host tensors, filled once ``ready`` has completed
+    ready: torch.cuda.Event | None  # None: the work is already done (CPU)
+
+
 class ModelRunner:
     def __init__(
         self, config: ModelConfig, device: torch.device, model: nn.Module | None = None, quantization: str | None = None
@@ -74,11 +91,20 @@ class ModelRunner:
         # The transformers fallback pads every layer; native models pad inside attention only.
         self.pads_dense_layers = not config.entry.is_native
         self.group_overhead = _CPU_GROUP_OVERHEAD if device.type == "cpu" else None
+        # On a GPU the engine launches the next batch before collecting this one, so host work
+        # (packing, kernel launches, splitting outputs) overlaps device work. On a CPU the host is
+        # the device: collecting later would only delay the answers.
+        self.overlaps = device.type == "cuda"
+
+    def execute(self, requests: list[Request]) -> list[torch.Tensor]:
+        """One output per request, in the order given."""
+        return self.collect(self.launch(requests))
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request]) -> list[torch.Tensor]:
-        """One output per request, in the order given. The batch runs sorted by length, so
-        attention groups are runs of similar lengths."""
+    def launch(self, requests: list[Request]) -> Launched:
+        """Queue the batch's work on the device and return without waiting for it (on a CPU the work
+        is done on return). The batch runs sorted by length, so attention groups are runs of
+        similar lengths."""
         order = sorted(range(len(requests)), key=lambda i: requests[i].num_tokens)
         ordered = [requests[i] for i in order]
         batch = build_batch(
@@ -87,10 +113,24 @@ class ModelRunner:
             self.device,
             group_overhead=self.group_overhead,
         )
+        params = [r.params for r in ordered]
         hidden = self.model(batch)  # [num_tokens, hidden]
-        outputs = self.pooler(hidden, batch, [r.params for r in ordered])
-        restored: list[torch.Tensor] = [outputs[0]] * len(requests)
-        for position, index in enumerate(order):
+        pooled = self.pooler.pool(hidden, batch, params)
+        if self.device.type != "cuda":
+            return Launched(order, batch, params, pooled.to_host(), None)
+        ready = torch.cuda.Event()
+        host = pooled.to_host(non_blocking=True)
+        ready.record()
+        return Launched(order, batch, params, host, ready)
+
+    @torch.inference_mode()
+    def collect(self, launched: Launched) -> list[torch.Tensor]:
+        """Wait for a launched batch and split its outputs per request, in the order given to ``launch``."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        outputs = self.pooler.split(launched.pooled, launched.batch, launched.params)
+        restored: list[torch.Tensor] = [outputs[0]] * len(outputs)
+        for position, index in enumerate(launched.order):
             restored[index] = outputs[position]
         return restored
 

@@ -1,0 +1,148 @@
+"""Launching batch N+1 before collecting batch N (what the engine does on a GPU), run on the CPU.
+
+On a GPU ``ModelRunner.launch`` returns with the work still queued on the device; here it returns
+with the work done, but the engine-side bookkeeping is the same code: which batch is collected
+when, whose results go where, what happens when a launch fails or the caller gives up. Each test
+turns ``runner.overlaps`` on for a fresh engine and compares with the default, sequential one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.engine.test_async_engine import (
+    CLASSIFY,
+    assert_outputs,
+    client_prompts,
+    make_requests,
+    run_bounded,
+    serving,
+    wait_until,
+)
+from tests.tiny_models import PROMPTS
+from winnow import LLM
+from winnow.engine.request import Request
+from winnow.inputs.prompts import TokenizedPrompt
+
+ATOL = 1e-5
+
+
+def overlapping_llm(path, **kwargs) -> LLM:
+    llm = LLM(str(path), device="cpu", **kwargs)
+    llm.engine.core.runner.overlaps = True
+    return llm
+
+
+@pytest.fixture(scope="module")
+def classifier(make_model):
+    return make_model("bert", "seq", num_labels=3)
+
+
+def test_the_runner_collects_launched_batches_in_any_order(classifier, make_llm):
+    engine = make_llm(classifier).engine
+    runner = engine.core.runner
+    first, second = make_requests(engine, PROMPTS[:3]), make_requests(engine, PROMPTS[3:7])
+    expected = runner.execute(first), runner.execute(second)
+    launched_first, launched_second = runner.launch(first), runner.launch(second)
+    assert_outputs(runner.collect(launched_second), expected[1])
+    assert_outputs(runner.collect(launched_first), expected[0])
+
+
+def test_offline_steps_return_every_batch_once_in_submission_order(classifier, make_llm):
+    """max_num_seqs=2: many batches, each returned by the step after the one that launched it."""
+    expected = make_llm(classifier).classify(PROMPTS, use_tqdm=False)
+    llm = overlapping_llm(classifier, max_num_seqs=2)
+    got = llm.classify(PROMPTS, use_tqdm=False)
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in got]),
+        torch.tensor([o.outputs.probs for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+    assert not llm.engine.core.has_unfinished()
+
+
+def test_offline_token_outputs_with_overlap(make_model, make_llm):
+    """Token tasks cross the device/host split too (outputs split by sequence length on the host)."""
+    path = make_model("bert", "tok", num_labels=4)
+    expected = make_llm(path).encode(PROMPTS, pooling_task="token_classify", use_tqdm=False)
+    got = overlapping_llm(path, max_num_seqs=3).encode(PROMPTS, pooling_task="token_classify", use_tqdm=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.outputs.data, e.outputs.data, atol=ATOL, rtol=0)
+
+
+def test_an_interrupted_offline_run_leaves_no_batch_behind(classifier, make_llm):
+    """The caller gives up mid-run (Ctrl-C in the progress bar): the launched batch is dropped,
+    and the next call answers only its own prompts."""
+
+    class Interrupting:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            if n:
+                raise KeyboardInterrupt
+
+    llm = overlapping_llm(classifier, max_num_seqs=2)
+    with pytest.raises(KeyboardInterrupt):
+        llm.classify(PROMPTS, use_tqdm=Interrupting)
+    assert not llm.engine.core.has_unfinished()
+    expected = make_llm(classifier).classify(PROMPTS[:3], use_tqdm=False)
+    got = llm.classify(PROMPTS[:3], use_tqdm=False)
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in got]),
+        torch.tensor([o.outputs.probs for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def test_overlapping_server_engine_serves_every_client(classifier, make_llm):
+    prompts = [client_prompts(seed) for seed in range(24)]
+    llm = make_llm(classifier)
+    expected = [[torch.tensor(o.outputs.probs) for o in llm.classify(p, use_tqdm=False)] for p in prompts]
+
+    async def main(engine, served):
+        return await asyncio.gather(*(served.run(make_requests(engine, p)) for p in prompts))
+
+    with serving(classifier, start=False, max_num_seqs=4) as (engine, served, log):
+        engine.core.runner.overlaps = True
+        served.start()
+        results = run_bounded(main(engine, served))
+        assert served.num_pending == 0
+    for got, exp in zip(results, expected):
+        assert_outputs(got, exp)
+    assert sum(log.num_seqs) == sum(map(len, prompts))
+    assert len(log.steps) > 1
+
+
+def test_overlapping_server_engine_fails_only_the_batch_that_failed(classifier, make_llm):
+    good = ["hello", "horses and cows are both animals"]
+    llm = make_llm(classifier)
+    expected = [torch.tensor(o.outputs.probs) for o in llm.classify(good, use_tqdm=False)]
+
+    async def main(engine, served):
+        vocab = engine.config.model.vocab_size
+        bad = Request("bad", TokenizedPrompt(token_ids=[2, vocab + 10, 3]), CLASSIFY)
+        failing = asyncio.create_task(served.run([bad]))
+        neighbour = asyncio.create_task(served.run(make_requests(engine, good)))
+        await wait_until(lambda: engine.core.scheduler.num_waiting == 3, "both clients have submitted")
+        served.start()
+        with pytest.raises(IndexError):
+            await failing
+        assert_outputs(await neighbour, expected)
+        assert served.is_healthy
+
+    with serving(classifier, start=False, max_num_seqs=1) as (engine, served, _):
+        engine.core.runner.overlaps = True
+        run_bounded(main(engine, served))
