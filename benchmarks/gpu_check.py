@@ -146,6 +146,10 @@ def bench_model(folder: Path, name: str, num_prompts: int, repeats: int) -> list
     for budget in (16384, 65536):
         llm = LLM(str(folder), device="cuda", max_num_batched_tokens=budget, max_num_seqs=2048)
         systems[f"winnow auto t{budget}"] = lambda llm=llm: _winnow_run(llm, texts)
+    # The A/B for host/device overlap: the same engine collecting each batch before launching the next.
+    sequential = LLM(str(folder), device="cuda", max_num_batched_tokens=65536, max_num_seqs=2048)
+    sequential.engine.core.runner.overlaps = False
+    systems["winnow t65536 no overlap"] = lambda: _winnow_run(sequential, texts)
     times: dict[str, list[float]] = {k: [] for k in systems}
     for fn in systems.values():
         fn()  # warm-up
