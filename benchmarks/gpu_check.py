@@ -5,7 +5,9 @@ Runs on a machine with an NVIDIA GPU and no network, in one process, in a few mi
 1. Parity. Tiny random models of every native family and head (built as in the tests), run by
    winnow on the GPU in float32 (max abs diff <= 1e-4 against transformers in float32 on CPU,
    each prompt alone) and in bfloat16, the ``dtype="auto"`` choice on GPU (probabilities within
-   2e-2: bf16 keeps 8 mantissa bits, so logits of magnitude ~3 carry ~1e-2 rounding).
+   2e-2: bf16 keeps 8 mantissa bits, so logits of magnitude ~3 carry ~1e-2 rounding). Each line
+   also counts the host-device synchronisations inside ``ModelRunner.launch`` (torch's sync debug
+   mode): every one stalls the overlap of host and device work.
 2. Throughput. bert-base-shape and MiniLM-shape classifiers (random weights), a deterministic
    log-uniform 8..256-token workload; transformers bf16 + SDPA + inference mode with length-sorted
    batches (the best a user does by hand) against winnow ``dtype="auto"``. Median of repeats.
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,28 @@ def _parity_cases(root: Path) -> list[tuple[str, str, Path]]:
     return cases
 
 
+def launch_syncs(llm: LLM, task: str) -> int:
+    """Host-device synchronisations inside ``ModelRunner.launch`` for a small mixed batch: each one
+    makes the host wait for the batch already running, which undoes the engine's overlap (0 wanted)."""
+    from winnow.engine.request import Request
+    from winnow.inputs.prompts import TokenizedPrompt
+
+    params = llm.model_config.bind_params(PoolingParams(), task)
+    ids = [[2, *range(5, 5 + n), 3] for n in (3, 9, 17)]
+    requests = [Request(f"sync-{i}", TokenizedPrompt(token_ids=t), params) for i, t in enumerate(ids)]
+    runner = llm.engine.core.runner
+    runner.collect(runner.launch(requests))  # warm: first-use copies (rotary tables) are not counted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            launched = runner.launch(requests)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    runner.collect(launched)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def parity(root: Path) -> list[str]:
     import transformers
 
@@ -94,9 +119,10 @@ def parity(root: Path) -> list[str]:
                 expected = ref if dtype == "float32" else torch.softmax(ref, -1)
                 worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
             status = "ok" if worst <= atol else "FAIL"
+            syncs = launch_syncs(llm, task)
             lines.append(
                 f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
-                f"(atol {atol:g}) {status}"
+                f"(atol {atol:g}) {status}; host syncs in launch: {syncs}"
             )
             print(lines[-1], flush=True)
     return lines

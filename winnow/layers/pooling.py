@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from winnow.errors import ModelLoadError
 from winnow.params import EMBED_TASKS, TOKEN_TASKS, PoolingParams, PoolingType
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, to_device
 
 _ST_MODULE_PREFIX = "torch.nn.modules."
 
@@ -135,7 +135,7 @@ class Pooler:
         seq_out = tok_out = step_ids = None
         if seq_rows:
             pooled = hidden if self.returns_pooled else self._pool_sequences(hidden, batch)  # [num_seqs, H]
-            index = torch.tensor(seq_rows, device=hidden.device)
+            index = to_device(seq_rows, hidden.device, torch.int64)
             seq_out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows]).float()
         if tok_rows:
             tokens = self._select_tokens(hidden, batch, tok_rows)
@@ -168,12 +168,12 @@ class Pooler:
         # MEAN over every prompt token (special tokens included), accumulated in float32.
         seq_ids = torch.repeat_interleave(
             torch.arange(batch.num_seqs, device=hidden.device),
-            torch.tensor(batch.seq_lens, device=hidden.device),
+            to_device(batch.seq_lens, hidden.device, torch.int64),
             output_size=batch.num_tokens,
         )
         sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)
         sums.index_add_(0, seq_ids, hidden.float())
-        lens = torch.tensor(batch.seq_lens, device=hidden.device, dtype=torch.float32)
+        lens = to_device(batch.seq_lens, hidden.device, torch.float32)
         return sums / lens[:, None]
 
     def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
@@ -182,7 +182,7 @@ class Pooler:
             return hidden
         starts = batch.host_starts
         index = torch.cat([torch.arange(starts[i], starts[i] + batch.seq_lens[i]) for i in rows])
-        return hidden.index_select(0, index.to(hidden.device))
+        return hidden.index_select(0, to_device(index.numpy(), hidden.device))
 
     # -- heads --------------------------------------------------------------------------------
 
@@ -236,5 +236,5 @@ def _select_rows(activated: torch.Tensor, raw: torch.Tensor, use_act: list[bool]
         return activated
     if not any(use_act):
         return raw
-    mask = torch.tensor(use_act, device=raw.device).view(-1, *([1] * (raw.ndim - 1)))
+    mask = to_device(use_act, raw.device, torch.bool).view(-1, *([1] * (raw.ndim - 1)))
     return torch.where(mask, activated, raw)

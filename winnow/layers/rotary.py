@@ -16,8 +16,10 @@ from winnow.errors import ModelLoadError
 
 class RotaryEmbedding:
     def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
-        self.inv_freq = inv_freq.float()  # [head_dim / 2], on the CPU; moved per call (a few bytes)
+        self.inv_freq = inv_freq.float()  # [head_dim / 2], on the CPU
         self.scaling = scaling
+        # A copy per device, made on first use: a copy per call would synchronise a GPU's stream.
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def from_config(config: Any, head_dim: int, layer_type: str | None = None) -> RotaryEmbedding:
@@ -43,7 +45,10 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_tokens] positions -> cos, sin tables [num_tokens, head_dim], computed in float32."""
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)  # [T, head_dim / 2]
+        inv_freq = self._on_device.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._on_device[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * inv_freq  # [T, head_dim / 2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
         return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
 

@@ -257,7 +257,7 @@ class DecoderModel(_Decoder):
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         if self.embed_scale is not None:  # Gemma: the scale is rounded to the model dtype first, as in HF
-            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype).item()  # a host scalar: no device copy
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)  # [T, head_dim] each, shared by all layers
         for layer in self.layers:
             x = layer(x, cos, sin, batch)

@@ -11,7 +11,9 @@ first, so groups are runs of neighbours.)
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,17 +118,17 @@ def build_batch(
         for start, tt in zip(starts[:-1], token_type_ids):
             if tt is not None:
                 types_np[start : start + len(tt)] = tt
-        types = torch.from_numpy(types_np).to(device, non_blocking=True)
+        types = to_device(types_np, device)
 
     groups = tuple(
         _attention_group(seq_lens[a:b], int(starts[a]), int(starts[b]), positions, device)
         for a, b in group_by_length(seq_lens, group_overhead)
     )
     return Batch(
-        input_ids=torch.from_numpy(ids).to(device, non_blocking=True),
-        positions=torch.from_numpy(positions).to(device, non_blocking=True),
+        input_ids=to_device(ids, device),
+        positions=to_device(positions, device),
         token_type_ids=types,
-        cu_seqlens=torch.from_numpy(starts.astype(np.int32)).to(device, non_blocking=True),
+        cu_seqlens=to_device(starts.astype(np.int32), device),
         seq_lens=tuple(int(n) for n in seq_lens),
         max_seqlen=int(seq_lens.max()),
         attn_groups=groups,
@@ -149,6 +151,23 @@ def _attention_group(
         len(lens),
         max_len,
         device,
-        torch.from_numpy(pad_index).to(device, non_blocking=True),
-        torch.from_numpy(mask).to(device, non_blocking=True)[:, None, None, :],
+        to_device(pad_index, device),
+        to_device(mask, device)[:, None, None, :],
     )
+
+
+def to_device(
+    values: np.ndarray | Sequence[Any], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Host values (an array, or a list of numbers or bools) as a tensor on ``device``, without a sync.
+
+    To a GPU the copy goes through pinned memory and does not block: ``torch.tensor(..., device=)``
+    and copies from pageable memory synchronise with the stream, so while the previous batch still
+    runs they would wait for it, undoing the engine's overlap (runner/model_runner.py).
+    """
+    tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
