@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ from tests.tiny_models import PROMPTS
 from winnow import LLM
 from winnow.engine.request import Request
 from winnow.inputs.prompts import TokenizedPrompt
+from winnow.runner.batch import to_device
 
 ATOL = 1e-5
 
@@ -146,3 +148,19 @@ def test_overlapping_server_engine_fails_only_the_batch_that_failed(classifier, 
     with serving(classifier, start=False, max_num_seqs=1) as (engine, served, _):
         engine.core.runner.overlaps = True
         run_bounded(main(engine, served))
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        ([3, 1, 2], torch.int64, torch.tensor([3, 1, 2])),
+        ((4, 5), torch.float32, torch.tensor([4.0, 5.0])),
+        ([True, False], torch.bool, torch.tensor([True, False])),
+        (np.array([7, 8], dtype=np.int32), None, torch.tensor([7, 8], dtype=torch.int32)),
+    ],
+)
+def test_host_values_reach_the_device_with_their_dtype(values, dtype, expected):
+    """The pinned, non-blocking copy the runner and pooler use (a plain copy on the CPU)."""
+    got = to_device(values, torch.device("cpu"), dtype)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
