@@ -41,9 +41,8 @@ def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_p
     ``bucket_size // 2`` share logarithmically wider buckets."""
     sign = torch.sign(relative_pos)
     mid = bucket_size // 2
-    abs_pos = torch.where(
-        (relative_pos < mid) & (relative_pos > -mid), torch.tensor(mid - 1).type_as(relative_pos), relative_pos.abs()
-    )
+    # A Python scalar, not HF's torch.tensor(mid - 1).type_as(...): that is a blocking copy to a GPU.
+    abs_pos = torch.where((relative_pos < mid) & (relative_pos > -mid), mid - 1, relative_pos.abs())
     log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
     return torch.where(abs_pos <= mid, relative_pos.type_as(log_pos), log_pos * sign)
 
