@@ -311,9 +311,11 @@ def test_shutdown_of_an_idle_engine_stops_it(model_path):
 # -- failures ---------------------------------------------------------------------------------
 
 
-def test_failing_batch_fails_only_its_own_requests(model_path, reference):
+@pytest.mark.parametrize("overlaps", [False, True], ids=["sequential", "overlapping"])
+def test_failing_batch_fails_only_its_own_requests(model_path, reference, overlaps):
     """A token id outside the vocabulary (InputProcessor bypassed) makes the embedding lookup raise.
-    With max_num_seqs=1 every request is its own batch, so the bad one fails alone."""
+    With max_num_seqs=1 every request is its own batch, so the bad one fails alone; also with the
+    GPU's launch-before-collect loop (tests/engine/test_overlap.py), forced on here."""
     good = ["hello", "horses and cows are both animals"]
 
     async def main(engine: Engine, served: AsyncEngine) -> None:
@@ -331,6 +333,7 @@ def test_failing_batch_fails_only_its_own_requests(model_path, reference):
         assert_outputs(await served.run(make_requests(engine, later)), reference(later))
 
     with serving(model_path, start=False, max_num_seqs=1) as (engine, served, _):
+        engine.core.runner.overlaps = overlaps
         run_bounded(main(engine, served))
 
 

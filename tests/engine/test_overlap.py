@@ -4,6 +4,7 @@ On a GPU ``ModelRunner.launch`` returns with the work still queued on the device
 with the work done, but the engine-side bookkeeping is the same code: which batch is collected
 when, whose results go where, what happens when a launch fails or the caller gives up. Each test
 turns ``runner.overlaps`` on for a fresh engine and compares with the default, sequential one.
+A failing launch under overlap is covered beside the sequential case, in test_async_engine.py.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ import pytest
 import torch
 
 from tests.engine.test_async_engine import (
-    CLASSIFY,
     assert_outputs,
     client_prompts,
     make_requests,
     run_bounded,
     serving,
-    wait_until,
 )
 from tests.tiny_models import PROMPTS
 from winnow import LLM
-from winnow.engine.request import Request
-from winnow.inputs.prompts import TokenizedPrompt
 from winnow.runner.batch import to_device
 
 ATOL = 1e-5
@@ -126,28 +123,6 @@ def test_overlapping_server_engine_serves_every_client(classifier, make_llm):
         assert_outputs(got, exp)
     assert sum(log.num_seqs) == sum(map(len, prompts))
     assert len(log.steps) > 1
-
-
-def test_overlapping_server_engine_fails_only_the_batch_that_failed(classifier, make_llm):
-    good = ["hello", "horses and cows are both animals"]
-    llm = make_llm(classifier)
-    expected = [torch.tensor(o.outputs.probs) for o in llm.classify(good, use_tqdm=False)]
-
-    async def main(engine, served):
-        vocab = engine.config.model.vocab_size
-        bad = Request("bad", TokenizedPrompt(token_ids=[2, vocab + 10, 3]), CLASSIFY)
-        failing = asyncio.create_task(served.run([bad]))
-        neighbour = asyncio.create_task(served.run(make_requests(engine, good)))
-        await wait_until(lambda: engine.core.scheduler.num_waiting == 3, "both clients have submitted")
-        served.start()
-        with pytest.raises(IndexError):
-            await failing
-        assert_outputs(await neighbour, expected)
-        assert served.is_healthy
-
-    with serving(classifier, start=False, max_num_seqs=1) as (engine, served, _):
-        engine.core.runner.overlaps = True
-        run_bounded(main(engine, served))
 
 
 @pytest.mark.parametrize(

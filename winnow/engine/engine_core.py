@@ -26,9 +26,8 @@ class StepStats:
     max_seqlen: int
     padding_fraction: float = 0.0  # share of attention work spent on padding (dense layers never see any)
     queue_seconds: tuple[float, ...] = ()  # per request: batch start minus arrival_time
-    run_seconds: float = (
-        0.0  # launch to outputs on the host (forward, pooling, copy; on a GPU it may overlap the next batch's launch)
-    )
+    # Launch to outputs on the host (forward, pooling, copy); on a GPU it may overlap the next launch.
+    run_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ they carry two thirds of the FLOPs, and the attention projections, quantized too
 cosine on all-MiniLM-L6-v2 below 0.99. Where the CPU multiplies bfloat16 in hardware, the runner
 has the other linears (attention projections; not the head) run their GEMMs in bfloat16
 (``others``): they were then half the int8 model's time in float32 (bert-base, 1,286 tokens: 859
--> 588 ms per forward), and all-MiniLM-L6-v2's minimum cosine stayed at 0.9929.
+-> 588 ms per forward), and all-MiniLM-L6-v2's minimum cosine stayed at 0.993.
 """
 
 from __future__ import annotations
@@ -114,18 +114,16 @@ def quantize_int8(
     *,
     others: torch.dtype | None = None,
     keep: tuple[str, ...] = (),
-    compile_kernels: bool = True,
 ) -> int:
     """Replace the ``nn.Linear`` modules whose names match ``patterns`` (regexes) with ``Int8Linear``;
     returns how many. ``others``: run the remaining linears' GEMMs in this dtype (``PackedLinear``),
-    except those under a name prefix in ``keep`` (the head). ``compile_kernels``: use
-    ``compiled_int8_linear`` (else the eager ops)."""
+    except those under a name prefix in ``keep`` (the head)."""
     if device.type != "cpu":
         raise ConfigError("quantization='int8' is a CPU path; on a GPU use dtype='bfloat16' (the default there).")
     if not patterns:
         raise ConfigError(f"quantization='int8' is not available for {type(model).__name__}.")
     regexes = [re.compile(p) for p in patterns]
-    fn = compiled_int8_linear() if compile_kernels else int8_linear
+    fn = compiled_int8_linear()
     count = replace_linears(model, lambda name, _: any(r.fullmatch(name) for r in regexes), lambda m: Int8Linear(m, fn))
     if others is not None and onednn_available():
         replace_linears(model, lambda name, _: not name.startswith(keep), lambda m: PackedLinear(m, others))
