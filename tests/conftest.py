@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import winnow.config
 from tests.tiny_models import build_model
 from winnow import LLM
 
 logging.getLogger("winnow").setLevel(logging.WARNING)
 torch.set_num_threads(2)
+
+# The CPU's own answer, for the tests of ``dtype="auto"`` itself (see ``auto_dtype_is_float32``).
+REAL_AUTO_CPU_DTYPE = winnow.config.auto_cpu_dtype
+
+
+@pytest.fixture(scope="session", autouse=True)
+def auto_dtype_is_float32() -> Iterator[None]:
+    """The suite checks parity in float32 (1e-4), but ``dtype="auto"`` picks bfloat16 on CPUs with
+    bf16 instructions (this one may have them). So engines built by tests see a CPU without them;
+    tests of auto's real choice put ``REAL_AUTO_CPU_DTYPE`` back. Engines started as subprocesses
+    are not patched: those tests pass ``--dtype float32``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(winnow.config, "auto_cpu_dtype", lambda: torch.float32)
+        yield
+
 
 ModelFactory = Callable[..., Path]
 

@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--hf-overrides", type=_json_object, default=None, help="JSON patched into config.json.")
     model.add_argument("--max-model-len", type=int, default=None, help="Max tokens per prompt (or per pair).")
-    model.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16.")
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32), float32, float16, bfloat16.",
+    )
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
     model.add_argument(
         "--quantization", default=None, choices=["int8"], help="int8: feed-forward layers in int8 (CPU, opt-in)."

@@ -142,15 +142,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def auto_cpu_dtype() -> torch.dtype:
+    """``dtype="auto"`` on this CPU: bfloat16 where it has bf16 matrix instructions, else float32."""
+    return torch.bfloat16 if cpu_has_fast(torch.bfloat16) else torch.float32
+
+
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU, so results equal transformers' (bfloat16 is opt-in there, and fast
-    only on CPUs with bf16 matrix instructions; elsewhere half-precision matmuls are ~100x slower);
-    on GPU the checkpoint's half dtype, and float32 checkpoints run in bfloat16 (fp16 if unsupported)."""
+    """``auto`` follows vLLM for pooling models: a half-precision checkpoint keeps its dtype and a
+    float32 checkpoint runs in half precision, where the hardware multiplies half-precision matrices.
+    GPU: bfloat16 (float16 where bf16 is unsupported). CPU: bfloat16 only with AVX512-BF16 or AMX
+    (1.6-2x float32 there); any other CPU runs float32, never half precision (~100x slower without
+    the instructions). ``float32`` gives transformers' numbers to ~1e-6; bfloat16 to ~1e-3."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
+            return auto_cpu_dtype()
         saved = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
         saved = _DTYPES.get(str(saved).replace("torch.", "")) if saved is not None else None
         if saved in (torch.float16, torch.bfloat16):

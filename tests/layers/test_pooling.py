@@ -160,22 +160,56 @@ def test_head_runs_in_float32_when_body_is_half(make_model):
     assert llm.classify(PROMPTS[0], use_tqdm=False)[0].outputs.num_classes == 2
 
 
-def test_dtype_auto_is_float32_on_cpu(make_model, make_llm):
+def test_dtype_auto_is_float32_on_a_cpu_without_bf16_instructions(make_model, make_llm):
+    # The suite's CPU "has no bf16 instructions" (conftest.auto_dtype_is_float32).
     llm = make_llm(make_model("bert", "seq", num_labels=2))
     assert llm.model_config.dtype == torch.float32
 
 
-def test_dtype_auto_stays_float32_even_for_a_half_checkpoint(tmp_path, make_model):
-    """A bf16 checkpoint on CPU still runs in float32 under auto: the numbers equal transformers'."""
+def _half_checkpoint(tmp_path, make_model, dtype: str):
     import json
     import shutil
 
-    path = tmp_path / "bf16"
+    path = tmp_path / dtype
     shutil.copytree(make_model("bert", "seq", num_labels=2), path)
     config = json.loads((path / "config.json").read_text())
-    config["dtype"] = "bfloat16"
+    config["dtype"] = dtype
     (path / "config.json").write_text(json.dumps(config))
-    assert LLM(str(path), device="cpu").model_config.dtype == torch.float32
+    return path
+
+
+@pytest.mark.parametrize("saved", ["float16", "bfloat16"])
+def test_dtype_auto_never_picks_half_precision_on_a_cpu_without_it(saved, tmp_path, make_model):
+    """A half checkpoint on such a CPU still runs in float32 under auto (half matmuls there are ~100x slower)."""
+    assert LLM(str(_half_checkpoint(tmp_path, make_model, saved)), device="cpu").model_config.dtype == torch.float32
+
+
+def test_dtype_auto_follows_this_cpu(make_model, monkeypatch, hf_reference):
+    """With the CPU's real answer: bfloat16 where it has bf16 matrix instructions (vLLM's auto runs
+    float32 pooling checkpoints in half precision where supported), else float32. The head stays
+    float32 and the probabilities stay within the low-precision tolerance of transformers'."""
+    import winnow.config
+    from tests.conftest import REAL_AUTO_CPU_DTYPE
+    from winnow.layers.linear import cpu_has_fast
+
+    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
+    path = make_model("bert", "seq", num_labels=2)
+    llm = LLM(str(path), device="cpu")
+    expected = torch.bfloat16 if cpu_has_fast(torch.bfloat16) else torch.float32
+    assert llm.model_config.dtype == expected
+    assert llm.engine.core.runner.model.classifier.weight.dtype == torch.float32
+    for prompt, probs in zip(PROMPTS[:4], _probs(llm)):
+        assert torch.allclose(probs, _ref(hf_reference, path, prompt).softmax(-1), atol=2e-2)
+
+
+def test_int8_with_auto_dtype_quantizes_a_float32_model(make_model, monkeypatch):
+    """int8 is applied to float32 weights whatever auto would pick for the rest of the model."""
+    import winnow.config
+    from tests.conftest import REAL_AUTO_CPU_DTYPE
+
+    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
+    llm = LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", quantization="int8")
+    assert llm.model_config.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -40,7 +40,8 @@ class CliServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "winnow.cli", "serve", str(model), "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--log-level", "warning", *flags]
+        # float32 as in the rest of the suite (conftest's auto_dtype_is_float32 cannot reach a subprocess).
+        command += ["--port", str(self.port), "--log-level", "warning", "--dtype", "float32", *flags]
         environment = {k: v for k, v in os.environ.items() if k != "WINNOW_API_KEY"}
         environment.update({"HF_HUB_OFFLINE": "1", **(env or {})})
         with log.open("wb") as out:

@@ -106,13 +106,15 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
     pooler_config = (
         PoolerConfig.from_dict(args.pooler_config) if isinstance(args.pooler_config, dict) else args.pooler_config
     )
+    quantization = _quantization(args.quantization, device)
     model_config = ModelConfig.create(
         args.model,
         path,
         hf_config,
         entry,
         pooler_config=pooler_config,
-        dtype=args.dtype,
+        # int8 is applied to a float32 model (the runner puts the remaining linears in bf16 itself).
+        dtype="float32" if quantization and args.dtype == "auto" else args.dtype,
         device=device,
         max_model_len=args.max_model_len,
         tokenizer_max_length=getattr(hf_tokenizer, "model_max_length", None),
@@ -129,7 +131,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         or (_GPU_MAX_SEQS if device.type == "cuda" else _CPU_MAX_SEQS),
         chat_template=load_template(args.chat_template),
         seed=args.seed,
-        quantization=_quantization(args.quantization, device),
+        quantization=quantization,
     )
     inputs = InputProcessor(
         tokenizers,
