@@ -72,6 +72,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "conv_kernel_size": 3,
         "conv_act": "gelu",
     },
+    # The convolution after the only layer: that layer computes every token even when one is pooled.
+    "conv_one_layer": {
+        "relative_attention": True,
+        "position_buckets": 8,
+        "pos_att_type": "p2c|c2p",
+        "share_att_key": True,
+        "conv_kernel_size": 3,
+        "num_hidden_layers": 1,
+    },
     "c2p_only": {"relative_attention": True, "pos_att_type": ["c2p"], "max_relative_positions": 6},
     "p2c_only": {"relative_attention": True, "pos_att_type": ["p2c"], "position_buckets": 6, "share_att_key": True},
     "absolute": {"relative_attention": False, "pos_att_type": ["c2p", "p2c"]},  # scale still counts the terms

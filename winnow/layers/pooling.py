@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,10 @@ class PoolerSpec:
     head_dtype: torch.dtype
 
 
+# Pooling types that read one token per sequence: which one.
+_ONE_TOKEN: dict[PoolingType, Literal["first", "last"]] = {PoolingType.CLS: "first", PoolingType.LAST: "last"}
+
+
 class Pooler:
     """Turns a batch's hidden states into one CPU float32 tensor per request."""
 
@@ -128,13 +133,21 @@ class Pooler:
         """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One CPU output per sequence."""
         return self.split(self.pool(hidden, batch, params).to_host(), batch, params)
 
+    def output_token(self, params: Sequence[PoolingParams]) -> Literal["first", "last"] | None:
+        """The one token per sequence this batch's pooling reads, if there is one (``Batch.output_rows``)."""
+        if self.returns_pooled or any(p.task in TOKEN_TASKS for p in params):
+            return None
+        return _ONE_TOKEN.get(self.spec.seq_pooling)
+
     def pool(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> PooledBatch:
-        """The device half: pooling, head and activation for the whole batch, no host synchronisation."""
+        """The device half: pooling, head and activation for the whole batch, no host synchronisation.
+        ``hidden``: [num_tokens, H], or [num_seqs, H] when the model pooled or returned ``batch.output_rows``."""
         seq_rows = [i for i, p in enumerate(params) if p.task not in TOKEN_TASKS]
         tok_rows = [i for i, p in enumerate(params) if p.task in TOKEN_TASKS]
         seq_out = tok_out = step_ids = None
         if seq_rows:
-            pooled = hidden if self.returns_pooled else self._pool_sequences(hidden, batch)  # [num_seqs, H]
+            already = self.returns_pooled or batch.output_rows is not None
+            pooled = hidden if already else self._pool_sequences(hidden, batch)  # [num_seqs, H]
             index = to_device(seq_rows, hidden.device, torch.int64)
             seq_out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows]).float()
         if tok_rows:

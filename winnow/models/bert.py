@@ -100,11 +100,16 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
         self.act = get_activation(config.hidden_act)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows``: compute the output of these tokens only ([R] -> [R, hidden]); every token still
+        serves as a key and value."""
         attn = self.attention
-        x = attn.output.LayerNorm(attn.output.dense(attn.self(x, batch)) + x)  # [T, hidden]
-        h = self.act(self.intermediate.dense(x))  # [T, intermediate]
-        return self.output.LayerNorm(self.output.dense(h) + x)  # [T, hidden]
+        a = attn.self(x, batch)  # [T, hidden]
+        if rows is not None:
+            a, x = a.index_select(0, rows), x.index_select(0, rows)  # [R, hidden]
+        x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
+        h = self.act(self.intermediate.dense(x))  # [T or R, intermediate]
+        return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
 
 
 class BertEncoder(nn.Module):
@@ -113,9 +118,11 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        for layer in self.layer:
+        """[T, hidden] -> [T, hidden], or [num_seqs, hidden] for ``batch.output_rows``."""
+        *body, last = self.layer
+        for layer in body:
             x = layer(x, batch)
-        return x
+        return last(x, batch, batch.output_rows)
 
 
 class BertPooler(nn.Module):
@@ -130,7 +137,8 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The bare encoder: token ids -> final hidden states [num_tokens, hidden]."""
+    """The bare encoder: token ids -> final hidden states [num_tokens, hidden] (or the rows of
+    ``batch.output_rows``)."""
 
     # Checkpoint modules fused at load time: HF name -> (our module, shard index).
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
@@ -143,6 +151,7 @@ class BertModel(nn.Module):
     # Weights a bare-encoder checkpoint may carry that embedding does not use.
     ignored_weights: ClassVar[tuple[str, ...]] = ("pooler.", "cls.", "classifier.", "lm_head.")
     head_prefixes: ClassVar[tuple[str, ...]] = ()
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     def __init__(self, config: Any, *, add_pooling_layer: bool = False) -> None:
         super().__init__()
@@ -245,6 +254,7 @@ class _Classifier(nn.Module):
     # Older checkpoints may carry a pooler the head does not use.
     ignored_weights: ClassVar[tuple[str, ...]] = ("bert.pooler.", "roberta.pooler.", "electra.pooler.")
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier",)
+    selects_output_rows: ClassVar[bool] = True
 
     @classmethod
     def max_positions(cls, config: Any) -> int:

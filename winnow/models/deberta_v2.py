@@ -230,12 +230,22 @@ class DebertaV2Layer(nn.Module):
         self.act = get_activation(config.hidden_act)
 
     def forward(
-        self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None, rel_emb: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        batch: Batch,
+        rel: RelativePositions | None,
+        rel_emb: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``rows``: compute the output of these tokens only ([R] -> [R, hidden]); every token still
+        serves as a key and value."""
         attn = self.attention
-        x = attn.output.LayerNorm(attn.output.dense(attn.self(x, batch, rel, rel_emb)) + x)  # [T, hidden]
-        h = self.act(self.intermediate.dense(x))  # [T, intermediate]
-        return self.output.LayerNorm(self.output.dense(h) + x)  # [T, hidden]
+        a = attn.self(x, batch, rel, rel_emb)  # [T, hidden]
+        if rows is not None:
+            a, x = a.index_select(0, rows), x.index_select(0, rows)  # [R, hidden]
+        x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
+        h = self.act(self.intermediate.dense(x))  # [T or R, intermediate]
+        return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
 
 
 class ConvLayer(nn.Module):
@@ -302,15 +312,20 @@ class DebertaV2Encoder(nn.Module):
             if self.LayerNorm is not None:
                 rel_emb = self.LayerNorm(rel_emb)  # row-wise, so normalising a slice is exact
         embedded = x
-        for i, layer in enumerate(self.layer):
+        *body, last = self.layer
+        for i, layer in enumerate(body):
             x = layer(x, batch, rel, rel_emb)  # [T, hidden]
             if i == 0 and self.conv is not None:
                 x = self.conv(embedded, x, batch)
-        return x
+        if not body and self.conv is not None:  # one layer, then the convolution: it needs every token
+            x = self.conv(embedded, last(x, batch, rel, rel_emb), batch)
+            return x if batch.output_rows is None else x.index_select(0, batch.output_rows)
+        return last(x, batch, rel, rel_emb, batch.output_rows)  # [T, hidden] or [num_seqs, hidden]
 
 
 class DebertaV2Model(nn.Module):
-    """The bare encoder: token ids -> final hidden states [num_tokens, hidden]."""
+    """The bare encoder: token ids -> final hidden states [num_tokens, hidden] (or the rows of
+    ``batch.output_rows``)."""
 
     # The feed-forward linears: what quantization="int8" converts (layers/quant.py).
     quantizable: ClassVar[tuple[str, ...]] = (
@@ -333,6 +348,7 @@ class DebertaV2Model(nn.Module):
         "qa_outputs.",
     )
     head_prefixes: ClassVar[tuple[str, ...]] = ()
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
         super().__init__()
@@ -351,7 +367,7 @@ class DebertaV2Model(nn.Module):
         return {"keep_position_embeddings": any(n.endswith("embeddings.position_embeddings.weight") for n in names)}
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.encoder(self.embeddings(batch), batch)  # [T, hidden]
+        return self.encoder(self.embeddings(batch), batch)  # [T, hidden] or [num_seqs, hidden]
 
 
 # --- classification heads -------------------------------------------------------------------
@@ -376,6 +392,7 @@ class _Classifier(nn.Module):
     packed_modules = DebertaV2Model.packed_modules
     quantizable = DebertaV2Model.quantizable
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier.",)
+    selects_output_rows = DebertaV2Model.selects_output_rows
 
     def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
         super().__init__()

@@ -151,7 +151,10 @@ class DecoderAttention(nn.Module):
             softcap=spec.softcap,
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden], or [R, hidden] for the tokens ``rows`` (all tokens still are keys and values)."""
         # [T, hidden] -> q [T, heads * dim], k and v [T, kv_heads * dim]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.unflatten(-1, (self.attn.num_heads, self.attn.head_dim))  # [T, heads, dim]
@@ -160,7 +163,8 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin).flatten(1)
         k = apply_rotary(k, cos, sin).flatten(1)
-        return self.o_proj(packed_attention(q, k, v, batch, self.attn))  # [T, hidden]
+        out = packed_attention(q, k, v, batch, self.attn)  # [T, heads * dim]
+        return self.o_proj(out if rows is None else out.index_select(0, rows))  # [T or R, hidden]
 
 
 class DecoderMLP(nn.Module):
@@ -191,8 +195,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = _norm(spec)
             self.post_feedforward_layernorm = _norm(spec)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch)  # [T, hidden]
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, rows)  # [T or R, hidden]
+        if rows is not None:
+            x = x.index_select(0, rows)
         if not self.sandwich:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -224,6 +232,7 @@ class _Decoder(nn.Module):
         r"(.*\.)?layers\.\d+\.mlp\.gate_up_proj",
         r"(.*\.)?layers\.\d+\.mlp\.down_proj",
     )
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     @classmethod
     def max_positions(cls, config: Any) -> int:
@@ -259,9 +268,10 @@ class DecoderModel(_Decoder):
         if self.embed_scale is not None:  # Gemma: the scale is rounded to the model dtype first, as in HF
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype).item()  # a host scalar: no device copy
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)  # [T, head_dim] each, shared by all layers
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             x = layer(x, cos, sin, batch)
-        return self.norm(x)
+        return self.norm(last(x, cos, sin, batch, batch.output_rows))  # [T, hidden] or [num_seqs, hidden]
 
 
 class _DecoderClassifier(_Decoder):

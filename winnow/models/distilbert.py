@@ -40,8 +40,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.dim, 3 * config.dim)  # q_lin, k_lin, v_lin fused
         self.out_lin = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.out_lin(fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads))
+    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, dim] -> [T, dim], or [R, dim] for the tokens ``rows`` (all tokens still are keys and values)."""
+        a = fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads)  # [T, dim]
+        return self.out_lin(a if rows is None else a.index_select(0, rows))
 
 
 class FFN(nn.Module):
@@ -63,8 +65,11 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=_LN_EPS)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        x = self.sa_layer_norm(self.attention(x, batch) + x)  # [T, dim]
+    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attention(x, batch, rows)  # [T or R, dim]
+        if rows is not None:
+            x = x.index_select(0, rows)
+        x = self.sa_layer_norm(a + x)  # [T or R, dim]
         return self.output_layer_norm(self.ffn(x) + x)
 
 
@@ -74,9 +79,11 @@ class Transformer(nn.Module):
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        for layer in self.layer:
+        """[T, dim] -> [T, dim], or [num_seqs, dim] for ``batch.output_rows``."""
+        *body, last = self.layer
+        for layer in body:
             x = layer(x, batch)
-        return x
+        return last(x, batch, batch.output_rows)
 
 
 class DistilBertModel(nn.Module):
@@ -95,6 +102,7 @@ class DistilBertModel(nn.Module):
         "vocab_projector.",
     )
     head_prefixes: ClassVar[tuple[str, ...]] = ()
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -116,6 +124,7 @@ class _DistilBertClassifier(nn.Module):
     quantizable = DistilBertModel.quantizable
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     max_positions = DistilBertModel.max_positions
+    selects_output_rows = DistilBertModel.selects_output_rows
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -51,9 +51,11 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1D(hidden, hidden)
         self.spec = AttentionSpec(num_heads=heads, head_dim=head_dim, causal=True, scale=scale)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden], or [R, hidden] for the tokens ``rows`` (all tokens still are keys and values)."""
         q, k, v = self.c_attn(x).chunk(3, dim=-1)  # [T, hidden] each
-        return self.c_proj(packed_attention(q, k, v, batch, self.spec))
+        out = packed_attention(q, k, v, batch, self.spec)  # [T, hidden]
+        return self.c_proj(out if rows is None else out.index_select(0, rows))
 
 
 class GPT2MLP(nn.Module):
@@ -76,14 +78,17 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), batch)
+    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attn(self.ln_1(x), batch, rows)  # [T or R, hidden]
+        x = (x if rows is None else x.index_select(0, rows)) + attn
         return x + self.mlp(self.ln_2(x))
 
 
 class _GPT2Base(nn.Module):
     # Causal-mask buffers of old checkpoints (h.N.attn.bias, h.N.attn.masked_bias): no learned values.
     ignored_suffixes: ClassVar[tuple[str, ...]] = (".attn.bias", ".attn.masked_bias")
+
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     @classmethod
     def max_positions(cls, config: Any) -> int:
@@ -112,9 +117,10 @@ class GPT2Model(_GPT2Base):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.wte(batch.input_ids) + self.wpe(batch.positions)  # [T, hidden]
-        for block in self.h:
+        *body, last = self.h
+        for block in body:
             x = block(x, batch)
-        return self.ln_f(x)
+        return self.ln_f(last(x, batch, batch.output_rows))  # [T, hidden] or [num_seqs, hidden]
 
 
 class _GPT2Classifier(_GPT2Base):

@@ -89,7 +89,10 @@ class ModernBertAttention(nn.Module):
         # HF: |query - key| <= local_attention // 2 (``config.sliding_window``), inclusive.
         self.window = config.local_attention // 2 if layer_type == "sliding_attention" else None
 
-    def forward(self, x: torch.Tensor, batch: Batch, rope: RopeTables) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: Batch, rope: RopeTables, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden], or [R, hidden] for the tokens ``rows`` (all tokens still are keys and values)."""
         hidden = x.shape[1]
         q, k, v = self.Wqkv(x).split(hidden, dim=1)  # 3 x [T, hidden], views
         cos, sin = rope[self.layer_type]
@@ -98,7 +101,8 @@ class ModernBertAttention(nn.Module):
         # A window wider than the longest sequence restricts nothing: skip the mask.
         window = self.window if self.window is not None and self.window < batch.max_seqlen - 1 else None
         spec = AttentionSpec(num_heads=self.num_heads, head_dim=self.head_dim, window=window)
-        return self.Wo(packed_attention(q, k, v, batch, spec))  # [T, hidden]
+        out = packed_attention(q, k, v, batch, spec)  # [T, hidden]
+        return self.Wo(out if rows is None else out.index_select(0, rows))  # [T or R, hidden]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # [T, hidden] -> [T, heads, head_dim], rotated in float32 (as transformers), back to [T, hidden]
@@ -131,9 +135,12 @@ class ModernBertEncoderLayer(nn.Module):
         self.mlp_norm = _layer_norm(config)
         self.mlp = ModernBertMLP(config)
 
-    def forward(self, x: torch.Tensor, batch: Batch, rope: RopeTables) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, rope)
-        return x + self.mlp(self.mlp_norm(x))  # [T, hidden]
+    def forward(
+        self, x: torch.Tensor, batch: Batch, rope: RopeTables, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        attn = self.attn(self.attn_norm(x), batch, rope, rows)  # [T or R, hidden]
+        x = (x if rows is None else x.index_select(0, rows)) + attn
+        return x + self.mlp(self.mlp_norm(x))  # [T or R, hidden]
 
 
 class ModernBertModel(nn.Module):
@@ -145,6 +152,7 @@ class ModernBertModel(nn.Module):
     head_prefixes: ClassVar[tuple[str, ...]] = ()
     # The MLP linears: what quantization="int8" converts (layers/quant.py).
     quantizable: ClassVar[tuple[str, ...]] = (r"(.*\.)?layers\.\d+\.mlp\.Wi", r"(.*\.)?layers\.\d+\.mlp\.Wo")
+    selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -166,9 +174,10 @@ class ModernBertModel(nn.Module):
         x = self.embeddings(batch.input_ids)  # [T, hidden]
         # cos/sin per layer type, computed once per batch from each token's position in its sequence.
         rope = {t: r.cos_sin(batch.positions, x.dtype) for t, r in self.rotary.items()}
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             x = layer(x, batch, rope)
-        return self.final_norm(x)
+        return self.final_norm(last(x, batch, rope, batch.output_rows))  # [T, hidden] or [num_seqs, hidden]
 
 
 class ModernBertPredictionHead(nn.Module):
@@ -192,6 +201,7 @@ class _ModernBertClassifier(nn.Module):
     # classifier_pooling is part of the architecture: a user pooling override is ignored (vLLM).
     pooling_is_fixed: ClassVar[bool] = True
     quantizable = ModernBertModel.quantizable
+    selects_output_rows = ModernBertModel.selects_output_rows
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -211,7 +221,7 @@ class _ModernBertClassifier(nn.Module):
         return _POOLINGS[value]
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch)  # [T, hidden]
+        return self.model(batch)  # [T, hidden] or [num_seqs, hidden]
 
     def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.head(hidden))  # [n, hidden] -> [n, num_labels]

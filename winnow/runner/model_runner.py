@@ -88,6 +88,8 @@ class ModelRunner:
             # Half-precision linears are packed only where the CPU has instructions for them.
             pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
         self.pooler = Pooler(config.pooler, self.model)
+        # Models that can return only the pooled token's row skip the last layer's feed-forward for the rest.
+        self.selects_rows = bool(getattr(self.model, "selects_output_rows", False))
         # The transformers fallback pads every layer; native models pad inside attention only.
         self.pads_dense_layers = not config.entry.is_native
         self.group_overhead = _CPU_GROUP_OVERHEAD if device.type == "cpu" else None
@@ -107,14 +109,15 @@ class ModelRunner:
         similar lengths."""
         order = sorted(range(len(requests)), key=lambda i: requests[i].num_tokens)
         ordered = [requests[i] for i in order]
+        params = [r.params for r in ordered]
         batch = build_batch(
             [r.prompt.token_ids for r in ordered],
             [r.prompt.token_type_ids for r in ordered],
             self.device,
             group_overhead=self.group_overhead,
+            output_token=self.pooler.output_token(params) if self.selects_rows else None,
         )
-        params = [r.params for r in ordered]
-        hidden = self.model(batch)  # [num_tokens, hidden]
+        hidden = self.model(batch)  # [num_tokens, hidden], or [num_seqs, hidden] for batch.output_rows
         pooled = self.pooler.pool(hidden, batch, params)
         if self.device.type != "cuda":
             return Launched(order, batch, params, pooled.to_host(), None)
