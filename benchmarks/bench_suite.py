@@ -18,11 +18,12 @@ Methodology
   for 1 label, passed explicitly) compare on the same activation.
 * Systems (each gets one untimed warm-up pass over the workload; its outputs are checked against
   hf-sorted's: max |diff| <= 1e-3 for fp32 systems, 0.02 for bf16/int8 ones):
-  winnow (``LLM(folder, device="cpu").classify`` / ``.score``), winnow-bf16 (only on CPUs with
-  AVX512-BF16 or AMX), winnow-int8 (``quantization="int8"``), winnow-single / winnow-bf16-single /
+  winnow (``LLM(folder, device="cpu", dtype="float32").classify`` / ``.score``), winnow-bf16 (only
+  on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-int8 (``quantization="int8"``), winnow-single / winnow-bf16-single /
   winnow-int8-single (one prompt per call);
   hf-sorted / hf-arrival (``bench_offline``'s hand-tuned transformers loops: SDPA, ``inference_mode``,
-  tokenized once and sorted by length / batched in arrival order, batches of 32); pipeline
+  tokenized once and sorted by length / batched in arrival order, batches of 32; hf-sorted-bf16 is
+  the sorted loop on the model loaded in bfloat16, on bf16 CPUs only); pipeline
   (``pipeline("text-classification", batch_size=32)``, ``top_k=None``; classifiers only);
   crossencoder (sentence-transformers ``CrossEncoder.predict(batch_size=32)``; cross-encoder only);
   ort-fp32 / ort-int8 (ONNX Runtime with its BERT fusions, fp32 and dynamic int8, see
@@ -119,6 +120,7 @@ SYSTEMS: dict[str, SystemInfo] = {
     "winnow-bf16-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "winnow-int8-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "hf-sorted": SystemInfo(),
+    "hf-sorted-bf16": SystemInfo(LOW_PRECISION_ATOL),
     "hf-arrival": SystemInfo(),
     "pipeline": SystemInfo(only="texts"),
     "crossencoder": SystemInfo(only="pairs"),
@@ -260,7 +262,7 @@ def record_error(skipped: dict[str, str], name: str, exc: Exception, stage: str)
 
 
 WINNOW_VARIANTS: dict[str, dict[str, str]] = {
-    "winnow": {},
+    "winnow": {"dtype": "float32"},  # auto is bfloat16 on CPUs with bf16 instructions: that is winnow-bf16
     "winnow-bf16": {"dtype": "bfloat16"},
     "winnow-int8": {"quantization": "int8"},
 }
@@ -296,6 +298,11 @@ def transformers_runners(folder: Path, tokenizer: Any, pairs: bool, wanted: set[
         "hf-sorted": sorted_batches(model, tokenizer),  # also the reference of the agreement check
         "hf-arrival": arrival_batches(model, tokenizer, BATCH_SIZE),
     }
+    if "hf-sorted-bf16" in wanted:  # the same loop in bfloat16: winnow-bf16's like-for-like baseline
+        half = AutoModelForSequenceClassification.from_pretrained(
+            folder, attn_implementation="sdpa", dtype=torch.bfloat16
+        ).eval()
+        runners["hf-sorted-bf16"] = sorted_batches(SigmoidAsBinary(half) if pairs else half, tokenizer)
     if "pipeline" in wanted and not pairs:
         pipe = pipeline("text-classification", model=hf, tokenizer=tokenizer, device=-1, batch_size=BATCH_SIZE)
         runners["pipeline"] = functools.partial(pipeline_classify, pipe)
@@ -334,7 +341,8 @@ def skip_reasons(spec: offline.ModelSpec, wanted: set[str]) -> dict[str, str]:
     kind = "pairs" if is_pair_model(spec) else "texts"
     reasons = {n: f"n/a: {SYSTEMS[n].only} only" for n in wanted if SYSTEMS[n].only not in (None, kind)}
     if not bf16_supported():
-        reasons.update(dict.fromkeys(wanted & {"winnow-bf16", "winnow-bf16-single"}, "skipped: no bf16 hardware"))
+        no_bf16 = {"winnow-bf16", "winnow-bf16-single", "hf-sorted-bf16"}
+        reasons.update(dict.fromkeys(wanted & no_bf16, "skipped: no bf16 hardware"))
     return reasons
 
 

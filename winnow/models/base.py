@@ -4,6 +4,7 @@ A model is an ``nn.Module`` built from the (transformers) config on the meta dev
 parameter names equal the checkpoint's, so ``loader.load_weights`` fills it by name:
 
     forward(batch) -> Tensor            [num_tokens, hidden] final hidden states of the packed batch
+                                        ([num_seqs, hidden] at batch.output_rows, if selects_output_rows)
     classify_head(pooled) -> Tensor     [n, hidden] -> [n, num_labels]   (sequence classifiers)
     token_head(hidden) -> Tensor        [n, hidden] -> [n, num_labels]   (token classifiers, and
                                         sequence classifiers asked for token_classify)
@@ -25,6 +26,10 @@ Class attributes the loader and config read (all optional):
                               classifier_pooling) and a user override would change the model
     init_kwargs(config, names)  classmethod: extra constructor arguments decided by the checkpoint's
                               tensor names (e.g. whether the classifier has a bias)
+    selects_output_rows True when forward honours ``Batch.output_rows``: the last layer runs its
+                        output projection and feed-forward on those rows only (every token is still
+                        a key and value) and returns them; the runner then asks for the pooled token
+                        of each sequence whenever a batch reads nothing else
     lm_head_names       checkpoint names where LM-head rows can be read, first found wins
                         (lm_head, then the input embedding, used only when tie_word_embeddings): a
                         classifier can be built from token rows (``TokenScoreHead``, spec §4.2) into the
