@@ -103,7 +103,7 @@ def main() -> int:
         texts, lengths = make_workload(tokenizer, args.num_prompts)
         print(f"workload: {describe_lengths(lengths)}")
         hf_model, attn = load_hf(folder)
-        llm = LLM(str(folder), device="cpu")
+        llm = LLM(str(folder), device="cpu", dtype="float32")  # like-for-like with the fp32 baseline
         assert llm.model_config.entry.is_native
         systems: dict[str, Callable[[], np.ndarray]] = {
             f"hf {attn} sorted": lambda: hf_classify_sorted(hf_model, tokenizer, texts, args.hf_batch_size),

@@ -12,7 +12,7 @@ A quick measurement script (not a test), the decoder counterpart of ``bench_offl
 * Baseline ("hf sorted"): ``AutoModelForSequenceClassification`` with SDPA, ``eval()``,
   ``torch.inference_mode()``, prompts tokenized once, sorted by length, batches of
   ``--hf-batch-size`` (16) right-padded (HF pools the last non-pad token).
-* winnow: ``LLM(folder, device="cpu").classify(texts)`` with default settings.
+* winnow: ``LLM(folder, device="cpu", dtype="float32").classify(texts)``, otherwise default settings.
 * Both in one process with ``torch.set_num_threads(--threads)``; one untimed warm-up each (whose
   probabilities must agree within ``--atol``), then ``--repeats`` interleaved timed passes; the
   median is reported. Tokenization is inside the timed region for both.
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             folder, attn_implementation="sdpa", dtype=torch.float32
         ).eval()
-        llm = LLM(str(folder), device="cpu")
+        llm = LLM(str(folder), device="cpu", dtype="float32")  # like-for-like with the fp32 baseline
         systems: dict[str, Callable[[], np.ndarray]] = {
             "hf sorted": lambda: hf_classify_sorted(
                 hf_model, tokenizer, texts, args.hf_batch_size, token_type_ids=False

@@ -9,7 +9,7 @@ Methodology (the same as ``bench_offline.py``, whose helpers it uses):
 * Workload: ``--num-prompts`` texts with token lengths log-uniform in [8, 256] (seeded).
 * transformers: SDPA attention, ``eval()``, ``torch.inference_mode()``, prompts tokenized once,
   sorted by length, batches of ``--hf-batch-size`` padded to their longest prompt.
-* winnow: ``LLM(folder, device="cpu").classify(texts)`` with default settings.
+* winnow: ``LLM(folder, device="cpu", dtype="float32").classify(texts)``, otherwise default settings.
 * Tokenization is timed for both. ``torch.set_num_threads(--threads)``. One untimed warm-up pass
   each (its probabilities must agree within ``--atol``), then ``--repeats`` timed passes in
   alternating order; the median is reported.
@@ -90,7 +90,7 @@ def main() -> int:
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             folder, attn_implementation="sdpa", dtype=torch.float32
         ).eval()
-        llm = LLM(str(folder), device="cpu")
+        llm = LLM(str(folder), device="cpu", dtype="float32")  # like-for-like with the fp32 baseline
         assert llm.model_config.entry.is_native
         systems: dict[str, Callable[[], np.ndarray]] = {
             "transformers": lambda: hf_classify_sorted(

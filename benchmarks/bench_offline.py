@@ -14,7 +14,7 @@ Methodology
   ``eval()``, ``torch.inference_mode()``, all cores, prompts tokenized once, sorted by token length,
   cut into batches of ``--hf-batch-size`` and padded to the longest prompt of each batch.
   "hf arrival" is the same with the prompts batched in the order given (more padding), for context.
-* winnow: ``LLM(folder, device="cpu").classify(texts, use_tqdm=False)`` with default settings.
+* winnow: ``LLM(folder, device="cpu", dtype="float32").classify(texts, use_tqdm=False)``, otherwise default settings.
 * Tokenization is inside the timed region for every system (winnow tokenizes inside ``classify``).
 * All systems live in one process and share ``torch.set_num_threads(<cores>)``. Each gets one
   untimed warm-up pass over the whole workload (whose outputs are used for the correctness check:
@@ -304,7 +304,7 @@ def bench_model(spec: ModelSpec, folder: Path, args: argparse.Namespace) -> dict
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         folder, attn_implementation="sdpa", dtype=torch.float32
     ).eval()
-    llm = LLM(str(folder), device="cpu")
+    llm = LLM(str(folder), device="cpu", dtype="float32")  # like-for-like with the fp32 baseline
     bs = args.hf_batch_size
     systems: dict[str, Callable[[], np.ndarray]] = {
         "hf sorted": lambda: hf_classify_sorted(hf_model, tokenizer, texts, bs),

@@ -35,7 +35,8 @@ Methodology
   client took from the server.
 * Offline reference: after the server has stopped (so the two never share the cores), the same
   script loads ``winnow.LLM(<same model>, device=--device)`` with the same ``--max-num-batched-tokens``
-  / ``--max-num-seqs``, runs one untimed warm-up over the first 64 items, then times ONE call
+  / ``--max-num-seqs`` (and the same default dtype as the server: bfloat16 on CPUs with bf16
+  instructions, else float32), runs one untimed warm-up over the first 64 items, then times ONE call
   (``embed`` / ``score(query, docs)`` / ``classify``) over exactly the items the server completed
   in the window, in the same order (``--offline-max-items`` caps that). The headline ratio is
   served items/s divided by offline items/s: what HTTP, JSON, tokenization in the server and

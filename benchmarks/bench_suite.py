@@ -19,8 +19,9 @@ Methodology
 * Systems (each gets one untimed warm-up pass over the workload; its outputs are checked against
   hf-sorted's: max |diff| <= 1e-3 for fp32 systems, 0.02 for bf16/int8 ones):
   winnow (``LLM(folder, device="cpu", dtype="float32").classify`` / ``.score``), winnow-bf16 (only
-  on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-int8 (``quantization="int8"``), winnow-single / winnow-bf16-single /
-  winnow-int8-single (one prompt per call);
+  on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-int8
+  (``quantization="int8"``), winnow-single / winnow-bf16-single / winnow-int8-single (one prompt
+  per call);
   hf-sorted / hf-arrival (``bench_offline``'s hand-tuned transformers loops: SDPA, ``inference_mode``,
   tokenized once and sorted by length / batched in arrival order, batches of 32; hf-sorted-bf16 is
   the sorted loop on the model loaded in bfloat16, on bf16 CPUs only); pipeline
