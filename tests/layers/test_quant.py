@@ -170,3 +170,16 @@ def test_batched_equals_single_prompts_under_int8(make_model, make_llm):
     batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
     single = [llm.classify([p], use_tqdm=False)[0].outputs.probs for p in PROMPTS]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=0)
+
+
+def test_warmup_leaves_nothing_to_compile_for_a_lone_request(make_model):
+    """The last layer of a lone classify request runs one row: warmup compiles that shape up front,
+    so the first real request does not pay a recompilation."""
+    from torch._dynamo.utils import counters
+
+    llm = LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", quantization="int8", max_model_len=32)
+    llm.engine.core.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    llm.classify(PROMPTS[0], use_tqdm=False)
+    llm.classify(PROMPTS[:3], use_tqdm=False)
+    assert counters["stats"]["unique_graphs"] == graphs

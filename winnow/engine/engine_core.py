@@ -87,13 +87,15 @@ class EngineCore:
 
     def warmup(self) -> None:
         """Run the largest batch the scheduler can form (max_model_len-token dummy prompts with the active
-        task): fails fast on a budget the device cannot hold, and leaves the kernels warm."""
+        task): fails fast on a budget the device cannot hold, and leaves the kernels warm. Then one short
+        prompt alone: the shape of a lone request (the compiled int8 kernels specialise on one row)."""
         config = self.runner.config
         seq_len = config.max_model_len
         num_seqs = max(1, min(self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens // seq_len))
         prompt = TokenizedPrompt([i % config.vocab_size for i in range(seq_len)])
         params = PoolingParams(task=config.task)
         self.runner.execute([Request(f"warmup-{i}", prompt, params) for i in range(num_seqs)])
+        self.runner.execute([Request("warmup-single", TokenizedPrompt(prompt.token_ids[: min(8, seq_len)]), params)])
 
     def step(self) -> list[tuple[Request, torch.Tensor]]:
         """Schedule one batch and run it; return (request, output) for every request that finished.
