@@ -17,8 +17,8 @@ def test_errors_are_value_errors_where_users_cause_them():
 
 
 def test_the_cli_sets_thread_defaults_before_torch_loads():
-    """OpenMP reads OMP_WAIT_POLICY once, when torch loads: importing the CLI must not load torch,
-    and `winnow serve` must have set it by the time torch is imported."""
+    """OpenMP reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when torch loads: importing the CLI must
+    not load torch, and `winnow serve` must have set them by the time torch is imported."""
     import os
     import subprocess
     import sys
@@ -26,10 +26,11 @@ def test_the_cli_sets_thread_defaults_before_torch_loads():
     code = (
         "import os, sys, winnow.cli\n"
         "assert 'torch' not in sys.modules, 'import winnow.cli loaded torch'\n"
-        "winnow.cli.serve = lambda args, dotted: print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules) or 0\n"
+        "winnow.cli.serve = lambda args, dotted: print(\n"
+        "    os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules) or 0\n"
         "raise SystemExit(winnow.cli.main(['serve', 'some-model']))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["PASSIVE", "False"]
+    assert result.stdout.split() == ["PASSIVE", "20000", "False"]
