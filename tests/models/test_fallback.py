@@ -57,6 +57,20 @@ def test_albert_sequence_classifier_matches_transformers(num_labels, make_model,
         assert got_probs.outputs.num_classes == num_labels
 
 
+@pytest.mark.parametrize(("family", "head"), [("albert", "seq"), ("albert", "tok"), ("gpt-neo", "seq")])
+def test_fallback_runs_in_bfloat16(family, head, make_model, make_llm):
+    """What ``dtype="auto"`` picks on CPUs with bf16 instructions: the transformers model in bfloat16,
+    the head's outputs within the low-precision tolerance of float32."""
+    path = make_model(family, head, num_labels=3)
+    task = "classify" if head == "seq" else "token_classify"
+    half = make_llm(path, dtype="bfloat16").encode(PROMPTS[:4], pooling_task=task, use_tqdm=False)
+    full = make_llm(path, dtype="float32").encode(PROMPTS[:4], pooling_task=task, use_tqdm=False)
+    for got, expected in zip(half, full):
+        got_data, expected_data = got.outputs.data, expected.outputs.data
+        assert got_data.shape == expected_data.shape and got_data.dtype == torch.float32
+        torch.testing.assert_close(got_data, expected_data, atol=2e-2, rtol=0)
+
+
 def test_albert_token_classifier_matches_transformers(make_model, make_llm, hf_reference, monkeypatch):
     path = make_model("albert", "tok", num_labels=5)
     llm = make_llm(path)
