@@ -9,6 +9,7 @@ A crashing batch fails only its own request (500, no internals); a dead engine t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import shutil
@@ -62,6 +63,16 @@ def test_inference_waits_for_the_model(classifier_path, classifier_llm):
             assert_close(live.ok("/classify", {"input": "hello"})["data"][0]["probs"], expected.outputs.probs)
     finally:
         state.go.set()
+
+
+def test_loading_freezes_what_lives_as_long_as_the_server(classifier_path):
+    """After warm-up the objects alive for the server's whole life leave the cyclic GC's scans
+    (``gc.freeze``): a full collection would otherwise walk them all while holding the GIL."""
+    gc.unfreeze()  # whatever an earlier server in this process froze
+    state = make_state(classifier_path)
+    with serving(state, classifier_path) as live:
+        assert live.get("/health").status_code == 200
+        assert gc.get_freeze_count() > 10_000
 
 
 def test_failed_load_answers_503(classifier_path, tmp_path):
