@@ -95,7 +95,7 @@ class EngineCore:
         prompt = TokenizedPrompt([i % config.vocab_size for i in range(seq_len)])
         params = PoolingParams(task=config.task)
         self.runner.execute([Request(f"warmup-{i}", prompt, params) for i in range(num_seqs)])
-        self.runner.execute([Request("warmup-single", TokenizedPrompt(prompt.token_ids[: min(8, seq_len)]), params)])
+        self.runner.execute([Request("warmup-single", TokenizedPrompt(prompt.token_ids[:8]), params)])
 
     def step(self) -> list[tuple[Request, torch.Tensor]]:
         """Schedule one batch and run it; return (request, output) for every request that finished.

@@ -16,7 +16,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, take_rows
 
 
 def check_bert_config(config: Any) -> None:
@@ -105,8 +105,7 @@ class BertLayer(nn.Module):
         serves as a key and value."""
         attn = self.attention
         a = attn.self(x, batch)  # [T, hidden]
-        if rows is not None:
-            a, x = a.index_select(0, rows), x.index_select(0, rows)  # [R, hidden]
+        a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
         x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
         h = self.act(self.intermediate.dense(x))  # [T or R, intermediate]
         return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]

@@ -33,7 +33,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
-from winnow.runner.batch import AttentionGroup, Batch
+from winnow.runner.batch import AttentionGroup, Batch, take_rows
 
 
 def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -241,8 +241,7 @@ class DebertaV2Layer(nn.Module):
         serves as a key and value."""
         attn = self.attention
         a = attn.self(x, batch, rel, rel_emb)  # [T, hidden]
-        if rows is not None:
-            a, x = a.index_select(0, rows), x.index_select(0, rows)  # [R, hidden]
+        a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
         x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
         h = self.act(self.intermediate.dense(x))  # [T or R, intermediate]
         return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
@@ -319,7 +318,7 @@ class DebertaV2Encoder(nn.Module):
                 x = self.conv(embedded, x, batch)
         if not body and self.conv is not None:  # one layer, then the convolution: it needs every token
             x = self.conv(embedded, last(x, batch, rel, rel_emb), batch)
-            return x if batch.output_rows is None else x.index_select(0, batch.output_rows)
+            return take_rows(x, batch.output_rows)
         return last(x, batch, rel, rel_emb, batch.output_rows)  # [T, hidden] or [num_seqs, hidden]
 
 

@@ -38,7 +38,7 @@ from winnow.layers.attention import AttentionSpec, packed_attention
 from winnow.layers.norm import RMSNorm
 from winnow.layers.rotary import RotaryEmbedding, apply_rotary
 from winnow.params import PoolingType
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, take_rows
 
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -164,7 +164,7 @@ class DecoderAttention(nn.Module):
         q = apply_rotary(q, cos, sin).flatten(1)
         k = apply_rotary(k, cos, sin).flatten(1)
         out = packed_attention(q, k, v, batch, self.attn)  # [T, heads * dim]
-        return self.o_proj(out if rows is None else out.index_select(0, rows))  # [T or R, hidden]
+        return self.o_proj(take_rows(out, rows))  # [T or R, hidden]
 
 
 class DecoderMLP(nn.Module):
@@ -199,8 +199,7 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, batch, rows)  # [T or R, hidden]
-        if rows is not None:
-            x = x.index_select(0, rows)
+        x = take_rows(x, rows)
         if not self.sandwich:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))

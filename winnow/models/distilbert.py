@@ -14,7 +14,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, take_rows
 
 _LN_EPS = 1e-12
 # The feed-forward linears: what quantization="int8" converts (layers/quant.py).
@@ -43,7 +43,7 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[T, dim] -> [T, dim], or [R, dim] for the tokens ``rows`` (all tokens still are keys and values)."""
         a = fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads)  # [T, dim]
-        return self.out_lin(a if rows is None else a.index_select(0, rows))
+        return self.out_lin(take_rows(a, rows))
 
 
 class FFN(nn.Module):
@@ -67,8 +67,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         a = self.attention(x, batch, rows)  # [T or R, dim]
-        if rows is not None:
-            x = x.index_select(0, rows)
+        x = take_rows(x, rows)
         x = self.sa_layer_norm(a + x)  # [T or R, dim]
         return self.output_layer_norm(self.ffn(x) + x)
 

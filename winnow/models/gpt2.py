@@ -24,7 +24,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
 from winnow.params import PoolingType
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, take_rows
 
 
 class Conv1D(nn.Module):
@@ -55,7 +55,7 @@ class GPT2Attention(nn.Module):
         """[T, hidden] -> [T, hidden], or [R, hidden] for the tokens ``rows`` (all tokens still are keys and values)."""
         q, k, v = self.c_attn(x).chunk(3, dim=-1)  # [T, hidden] each
         out = packed_attention(q, k, v, batch, self.spec)  # [T, hidden]
-        return self.c_proj(out if rows is None else out.index_select(0, rows))
+        return self.c_proj(take_rows(out, rows))
 
 
 class GPT2MLP(nn.Module):
@@ -80,7 +80,7 @@ class GPT2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.attn(self.ln_1(x), batch, rows)  # [T or R, hidden]
-        x = (x if rows is None else x.index_select(0, rows)) + attn
+        x = take_rows(x, rows) + attn
         return x + self.mlp(self.ln_2(x))
 
 

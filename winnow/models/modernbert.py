@@ -36,7 +36,7 @@ from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
 from winnow.layers.rotary import RotaryEmbedding, apply_rotary
 from winnow.params import PoolingType
-from winnow.runner.batch import Batch
+from winnow.runner.batch import Batch, take_rows
 
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _POOLINGS = {"cls": PoolingType.CLS, "mean": PoolingType.MEAN}
@@ -102,7 +102,7 @@ class ModernBertAttention(nn.Module):
         window = self.window if self.window is not None and self.window < batch.max_seqlen - 1 else None
         spec = AttentionSpec(num_heads=self.num_heads, head_dim=self.head_dim, window=window)
         out = packed_attention(q, k, v, batch, spec)  # [T, hidden]
-        return self.Wo(out if rows is None else out.index_select(0, rows))  # [T or R, hidden]
+        return self.Wo(take_rows(out, rows))  # [T or R, hidden]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # [T, hidden] -> [T, heads, head_dim], rotated in float32 (as transformers), back to [T, hidden]
@@ -139,7 +139,7 @@ class ModernBertEncoderLayer(nn.Module):
         self, x: torch.Tensor, batch: Batch, rope: RopeTables, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         attn = self.attn(self.attn_norm(x), batch, rope, rows)  # [T or R, hidden]
-        x = (x if rows is None else x.index_select(0, rows)) + attn
+        x = take_rows(x, rows) + attn
         return x + self.mlp(self.mlp_norm(x))  # [T or R, hidden]
 
 

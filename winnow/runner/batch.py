@@ -146,6 +146,11 @@ def build_batch(
     )
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """[T, ...] -> [R, ...]: the rows ``rows`` of ``x`` (``Batch.output_rows``), or ``x`` itself for None."""
+    return x if rows is None else x.index_select(0, rows)
+
+
 def _token_rows(starts: np.ndarray, token: Literal["first", "last"]) -> np.ndarray:
     """[num_seqs] packed row of each sequence's first or last token, from [num_seqs + 1] starts."""
     return starts[:-1].copy() if token == "first" else starts[1:] - 1
