@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +19,36 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation, and the oneDNN post-op (name, algorithm) that computes the same
+    function inside a packed CPU GEMM (``layers/linear.py: linear_act``); None: no such post-op."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    onednn: tuple[str, str] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 # "gelu" is the exact erf form; "gelu_new", "gelu_fast" and "gelu_pytorch_tanh" are the tanh
 # approximation, which torch computes in one fused kernel.
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
+_GELU_TANH = Activation(_gelu_tanh, ("gelu", "tanh"))
+_SILU = Activation(F.silu, ("swish", ""))
+_ACTIVATIONS: dict[str, Activation] = {
+    "gelu": Activation(F.gelu, ("gelu", "none")),
+    "gelu_new": _GELU_TANH,
+    "gelu_fast": _GELU_TANH,
+    "gelu_pytorch_tanh": _GELU_TANH,
+    "quick_gelu": Activation(_quick_gelu),
+    "relu": Activation(F.relu, ("relu", "")),
+    "silu": _SILU,
+    "swish": _SILU,
+    "tanh": Activation(torch.tanh, ("tanh", "")),
 }
 
 
-def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def get_activation(name: str) -> Activation:
     try:
         return _ACTIVATIONS[name]
     except KeyError:

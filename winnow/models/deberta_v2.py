@@ -33,6 +33,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
+from winnow.layers.linear import linear_act
 from winnow.runner.batch import AttentionGroup, Batch, take_rows
 
 
@@ -243,7 +244,7 @@ class DebertaV2Layer(nn.Module):
         a = attn.self(x, batch, rel, rel_emb)  # [T, hidden]
         a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
         x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
-        h = self.act(self.intermediate.dense(x))  # [T or R, intermediate]
+        h = linear_act(self.intermediate.dense, self.act, x)  # [T or R, intermediate]
         return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
 
 

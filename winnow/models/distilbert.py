@@ -14,6 +14,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
+from winnow.layers.linear import linear_act
 from winnow.runner.batch import Batch, take_rows
 
 _LN_EPS = 1e-12
@@ -54,7 +55,7 @@ class FFN(nn.Module):
         self.act = get_activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        return self.lin2(linear_act(self.lin1, self.act, x))
 
 
 class TransformerBlock(nn.Module):
