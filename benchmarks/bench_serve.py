@@ -186,6 +186,7 @@ def server_command(model_arg: str | None, port: int, args: argparse.Namespace) -
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    cmd += args.server_args.split()
     return cmd
 
 
@@ -646,6 +647,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="passed to the server and LLM")
     p.add_argument("--max-num-seqs", type=int, default=None, help="passed to the server and LLM")
     p.add_argument("--device", default="cpu", help="server --device and LLM device")
+    p.add_argument("--server-args", default="", help="more `winnow serve` flags, e.g. '--dtype float32'")
     p.add_argument("--offline-max-items", type=int, default=None, help="cap the offline pass (default: all served)")
     p.add_argument("--no-offline", action="store_true", help="skip the offline reference")
     p.add_argument("--request-timeout", type=float, default=120.0, help="per request, seconds")
