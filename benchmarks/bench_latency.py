@@ -51,7 +51,7 @@ SINGLE_SYSTEMS = [name for name, info in suite.SYSTEMS.items() if info.single]
 DEFAULT_SYSTEMS = ["winnow-single", "winnow-bf16-single", "ort-fp32-single"]
 
 
-def time_interleaved(runners: dict[str, suite.Runner], items: suite.Items, rounds: int) -> dict[str, list[float]]:
+def time_rounds(runners: dict[str, suite.Runner], items: suite.Items, rounds: int) -> dict[str, list[float]]:
     """Per system, the median request latency (ms) of each round."""
     names = list(runners)
     medians: dict[str, list[float]] = {name: [] for name in names}
@@ -69,12 +69,12 @@ def time_interleaved(runners: dict[str, suite.Runner], items: suite.Items, round
 
 def bench_model(spec: Any, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    items = suite.build_workload(tokenizer, spec, 1).latency_items
+    items = suite.build_workload(tokenizer, spec, 1).latency_items  # one workload item: only the latency set is used
     runners, skipped, _ = suite.build_runners(spec, folder, tokenizer, args.root, set(args.systems), args.cores)
     runners = {name: run for name, run in runners.items() if name in args.systems}
     outputs = suite.warm_up(spec.name, runners, items, skipped)
     reference = next((outputs[n] for n in outputs if n.startswith("ort-fp32")), None)
-    medians = time_interleaved(runners, items, args.rounds)
+    medians = time_rounds(runners, items, args.rounds)
     results = {
         name: {
             "p50_ms": statistics.median(medians[name]),
