@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from winnow.layers.activation import _ACTIVATIONS, get_activation
-from winnow.layers.linear import PackedLinear, cpu_has_fast, linear_act, onednn_available, pack_linears
+from winnow.layers.linear import PackedLinear, cpu_has_fast, linear_act, linear_add, onednn_available, pack_linears
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -37,17 +37,26 @@ def test_packed_linear_in_another_dtype_casts_in_and_out():
 
 
 def test_only_linears_of_the_given_dtypes_are_packed():
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.ReLU())
+    model = nn.Sequential(nn.Linear(8, 64), nn.Linear(8, 64).to(torch.bfloat16), nn.ReLU())
     assert pack_linears(model, (torch.float32,)) == 1
     assert isinstance(model[0], PackedLinear)
     assert type(model[1]) is nn.Linear
 
 
+def test_narrow_linears_stay_plain():
+    # A classifier's few outputs: oneDNN's per-call cost outweighs its faster GEMM.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 63), nn.Linear(64, 2))
+    assert pack_linears(model, (torch.float32,)) == 1
+    assert [type(m) for m in model] == [PackedLinear, nn.Linear, nn.Linear]
+
+
 def test_native_models_run_packed_on_cpu(make_model, make_llm):
     model = make_llm(make_model("bert", "seq")).engine.core.runner.model
-    kinds = {type(m) for m in model.modules()}
-    assert PackedLinear in kinds
-    assert nn.Linear not in kinds  # every linear, the head included
+    layer = model.bert.encoder.layer[0]
+    # The tiny model's fused QKV (96 outputs) and feed-forward (64) are packed, its 2-label classifier not.
+    assert isinstance(layer.attention.self.qkv_proj, PackedLinear)
+    assert isinstance(layer.intermediate.dense, PackedLinear)
+    assert type(model.classifier) is nn.Linear
 
 
 # -- activations fused into the GEMM (linear_act) ---------------------------------------------------
@@ -102,3 +111,44 @@ def test_unpacked_linear_or_unfusable_activation_runs_unfused():
     assert quick_gelu.onednn is None
     torch.testing.assert_close(linear_act(PackedLinear(linear), quick_gelu, x), quick_gelu(linear(x)))
     assert torch.equal(linear_act(linear, get_activation("gelu"), x), F.gelu(linear(x)))
+
+
+# -- residual add fused into the GEMM (linear_add) --------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_fused_residual_add_equals_add_after_linear(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 64)
+    x, residual = torch.randn(rows, 96), torch.randn(rows, 64)
+    got = linear_add(PackedLinear(linear), x, residual)
+    torch.testing.assert_close(got, linear(x) + residual, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
+def test_fused_residual_add_in_bfloat16_rounds_once():
+    """The fused sum is rounded to bfloat16 once; the unfused one rounds the GEMM's output first, so
+    it lands further from the exact sum of the same bfloat16 operands."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128).to(torch.bfloat16)
+    x, residual = torch.randn(64, 256, dtype=torch.bfloat16), torch.randn(64, 128, dtype=torch.bfloat16)
+    exact = F.linear(x.float(), linear.weight.float(), linear.bias.float()) + residual.float()
+    packed = PackedLinear(linear)
+    fused = linear_add(packed, x, residual)
+    unfused = packed(x) + residual
+    assert fused.dtype == torch.bfloat16
+    fused_err = (fused.float() - exact).norm() / exact.norm()
+    unfused_err = (unfused.float() - exact).norm() / exact.norm()
+    assert fused_err < 4e-3  # one rounding: ~2^-9 relative
+    assert fused_err < 0.9 * unfused_err
+
+
+def test_residual_add_falls_back_when_not_packed_or_dtypes_differ():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 64)
+    x, residual = torch.randn(5, 16), torch.randn(5, 64)
+    assert torch.equal(linear_add(linear, x, residual), linear(x) + residual)
+    packed = PackedLinear(linear)
+    got = linear_add(packed, x.double(), residual.double())  # a dtype the packed GEMM does not take
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (linear(x) + residual).double(), atol=1e-5, rtol=1e-5)

@@ -107,7 +107,7 @@ def test_int8_models_run_attention_projections_in_bf16_where_the_cpu_has_it(make
     assert isinstance(layer.intermediate.dense, Int8Linear)
     assert isinstance(layer.attention.self.qkv_proj, PackedLinear)
     assert layer.attention.self.qkv_proj.dtype == torch.bfloat16
-    assert model.classifier.dtype == torch.float32  # the head stays in the head dtype
+    assert model.classifier.weight.dtype == torch.float32  # the head stays in the head dtype
 
 
 def test_gpu_and_unsupported_models_are_refused():

@@ -148,8 +148,9 @@ class Pooler:
         if seq_rows:
             already = self.returns_pooled or batch.output_rows is not None
             pooled = hidden if already else self._pool_sequences(hidden, batch)  # [num_seqs, H]
-            index = to_device(seq_rows, hidden.device, torch.int64)
-            seq_out = self._finish(pooled.index_select(0, index), [params[i] for i in seq_rows]).float()
+            if tok_rows:  # a mixed batch: the sequence-level rows only
+                pooled = pooled.index_select(0, to_device(seq_rows, hidden.device, torch.int64))
+            seq_out = self._finish(pooled, [params[i] for i in seq_rows]).float()
         if tok_rows:
             tokens = self._select_tokens(hidden, batch, tok_rows)
             tok_out = self._finish(tokens, [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])]).float()

@@ -16,7 +16,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
-from winnow.layers.linear import linear_act
+from winnow.layers.linear import linear_act, linear_add
 from winnow.runner.batch import Batch, take_rows
 
 
@@ -107,9 +107,9 @@ class BertLayer(nn.Module):
         attn = self.attention
         a = attn.self(x, batch)  # [T, hidden]
         a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
-        x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
+        x = attn.output.LayerNorm(linear_add(attn.output.dense, a, x))  # [T or R, hidden]
         h = linear_act(self.intermediate.dense, self.act, x)  # [T or R, intermediate]
-        return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
+        return self.output.LayerNorm(linear_add(self.output.dense, h, x))  # [T or R, hidden]
 
 
 class BertEncoder(nn.Module):

@@ -33,7 +33,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
-from winnow.layers.linear import linear_act
+from winnow.layers.linear import linear_act, linear_add
 from winnow.runner.batch import AttentionGroup, Batch, take_rows
 
 
@@ -243,9 +243,9 @@ class DebertaV2Layer(nn.Module):
         attn = self.attention
         a = attn.self(x, batch, rel, rel_emb)  # [T, hidden]
         a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
-        x = attn.output.LayerNorm(attn.output.dense(a) + x)  # [T or R, hidden]
+        x = attn.output.LayerNorm(linear_add(attn.output.dense, a, x))  # [T or R, hidden]
         h = linear_act(self.intermediate.dense, self.act, x)  # [T or R, intermediate]
-        return self.output.LayerNorm(self.output.dense(h) + x)  # [T or R, hidden]
+        return self.output.LayerNorm(linear_add(self.output.dense, h, x))  # [T or R, hidden]
 
 
 class ConvLayer(nn.Module):

