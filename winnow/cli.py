@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     batching = serve.add_argument_group("batching")
     batching.add_argument("--max-num-batched-tokens", type=int, default=None, help="Token budget per forward pass.")
     batching.add_argument("--max-num-seqs", type=int, default=None, help="Sequences per forward pass.")
+    batching.add_argument(
+        "--cuda-graph-max-tokens",
+        type=int,
+        default=0,
+        help="GPU, experimental: batches of up to this many tokens replay captured CUDA graphs (0: off).",
+    )
     return parser
 
 
@@ -157,6 +163,7 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         quantization=args.quantization,
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
     )
     try:
         config, inputs = prepare_engine(engine_args)

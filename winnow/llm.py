@@ -90,6 +90,7 @@ class LLM:
         trust_remote_code: bool = False,
         seed: int = 0,
         revision: str | None = None,
+        cuda_graph_max_tokens: int = 0,
         **kwargs: Any,
     ) -> None:
         legacy_pooler = kwargs.pop("override_pooler_config", None)
@@ -122,6 +123,7 @@ class LLM:
                 trust_remote_code=trust_remote_code,
                 revision=revision,
                 seed=seed,
+                cuda_graph_max_tokens=cuda_graph_max_tokens,
             )
         )
         self.model_config = self.engine.config.model

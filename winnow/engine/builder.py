@@ -53,6 +53,7 @@ class EngineArgs:
     trust_remote_code: bool = False
     revision: str | None = None
     seed: int = 0
+    cuda_graph_max_tokens: int = 0  # 0: eager; else capture CUDA graphs for batches up to this many tokens
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class EngineConfig:
     chat_template: str | None  # default score template (cross-encoders)
     seed: int
     quantization: str | None = None  # "int8": feed-forward layers in int8 (CPU)
+    cuda_graph_max_tokens: int = 0  # batches up to this many tokens replay captured graphs (GPU); 0: off
 
     def describe(self) -> str:
         """One line for logs: what runs, how, where."""
@@ -132,6 +134,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         chat_template=load_template(args.chat_template),
         seed=args.seed,
         quantization=quantization,
+        cuda_graph_max_tokens=_cuda_graph_tokens(args.cuda_graph_max_tokens, device),
     )
     inputs = InputProcessor(
         tokenizers,
@@ -148,7 +151,12 @@ def load_engine(
     """Load the weights onto the device and assemble scheduler, runner and core."""
     started = time.perf_counter()
     model_config = config.model
-    runner = ModelRunner(model_config, config.device, quantization=config.quantization)
+    runner = ModelRunner(
+        model_config,
+        config.device,
+        quantization=config.quantization,
+        cuda_graph_max_tokens=config.cuda_graph_max_tokens,
+    )
     scheduler = Scheduler(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
@@ -165,6 +173,14 @@ def _quantization(value: str | None, device: torch.device) -> str | None:
         raise ConfigError(f"quantization={value!r} is not supported; use 'int8' (CPU) or leave it unset.")
     if device.type != "cpu":
         raise ConfigError("quantization='int8' is a CPU path; on a GPU use dtype='bfloat16' (the default there).")
+    return value
+
+
+def _cuda_graph_tokens(value: int, device: torch.device) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"cuda_graph_max_tokens must be 0 (off) or a positive integer, got {value!r}.")
+    if value and device.type != "cuda":
+        raise ConfigError("cuda_graph_max_tokens needs a CUDA device; leave it at 0 on a CPU.")
     return value
 
 

@@ -50,6 +50,8 @@ def packed_attention(
     if uses_varlen(q, spec):
         return varlen_attention(q, k, v, batch, spec, _varlen_kernel())
     groups = batch.attn_groups
+    if not groups:
+        raise RuntimeError(f"{_NO_GROUPS}: this layer does not run the variable-length kernel.")
     if len(groups) == 1:
         return _group_attention(q, k, v, groups[0], spec)
     out = q.new_empty(q.shape)
@@ -64,6 +66,10 @@ def fused_qkv_attention(qkv: torch.Tensor, batch: Batch, num_heads: int) -> torc
     hidden = qkv.shape[1] // 3
     q, k, v = qkv.split(hidden, dim=1)  # views, no copy
     return packed_attention(q, k, v, batch, AttentionSpec(num_heads=num_heads, head_dim=hidden // num_heads))
+
+
+# A CUDA graph's batch has no host-side attention groups (runner/cuda_graphs.py).
+_NO_GROUPS = "a batch without attention groups needs the variable-length kernel"
 
 
 # Flash attention's limits: half precision, head_dim a multiple of 8 up to 256.

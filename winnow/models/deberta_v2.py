@@ -152,6 +152,8 @@ class DisentangledSelfAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, 3 * all_head]
         kr, qr = self.position_projections(rel_emb) if self.relative and rel_emb is not None else (None, None)
         groups = batch.attn_groups
+        if not groups:  # a CUDA graph's batch: relative positions are computed per padded group
+            raise RuntimeError("DeBERTa's attention runs on padded groups; it cannot be captured in a CUDA graph.")
         if len(groups) == 1:
             return self._group(qkv, groups[0], 0, rel, kr, qr)
         out = qkv.new_empty(qkv.shape[0], self.all_head)  # [T, all_head]

@@ -21,7 +21,8 @@ from winnow.layers.pooling import PooledBatch, Pooler
 from winnow.layers.quant import quantize_int8
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
-from winnow.runner.batch import Batch, build_batch, group_by_length
+from winnow.runner.batch import Batch, build_batch, group_by_length, take_rows
+from winnow.runner.cuda_graphs import CudaGraphs
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
@@ -69,7 +70,12 @@ class Launched:
 
 class ModelRunner:
     def __init__(
-        self, config: ModelConfig, device: torch.device, model: nn.Module | None = None, quantization: str | None = None
+        self,
+        config: ModelConfig,
+        device: torch.device,
+        model: nn.Module | None = None,
+        quantization: str | None = None,
+        cuda_graph_max_tokens: int = 0,
     ) -> None:
         self.config = config
         self.device = device
@@ -97,6 +103,22 @@ class ModelRunner:
         # (packing, kernel launches, splitting outputs) overlaps device work. On a CPU the host is
         # the device: collecting later would only delay the answers.
         self.overlaps = device.type == "cuda"
+        # Batches of up to this many tokens replay a captured forward (runner/cuda_graphs.py).
+        self.graphs = self._capture_graphs(cuda_graph_max_tokens) if cuda_graph_max_tokens else None
+
+    @torch.inference_mode()
+    def _capture_graphs(self, max_tokens: int) -> CudaGraphs | None:
+        if self.device.type != "cuda" or not self.config.entry.is_native:
+            logger.warning("CUDA graphs need a native model on a CUDA device; running eagerly.")
+            return None
+        return CudaGraphs.capture(self.model, self.device, max_tokens, self.config.vocab_size)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """[num_tokens, hidden], or [num_seqs, hidden] for ``batch.output_rows``: a captured graph
+        when one holds the batch, else the eager model."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return take_rows(self.graphs.run(batch), batch.output_rows)
+        return self.model(batch)
 
     def execute(self, requests: list[Request]) -> list[torch.Tensor]:
         """One output per request, in the order given."""
@@ -117,7 +139,7 @@ class ModelRunner:
             group_overhead=self.group_overhead,
             output_token=self.pooler.output_token(params) if self.selects_rows else None,
         )
-        hidden = self.model(batch)  # [num_tokens, hidden], or [num_seqs, hidden] for batch.output_rows
+        hidden = self.forward(batch)  # [num_tokens, hidden], or [num_seqs, hidden] for batch.output_rows
         pooled = self.pooler.pool(hidden, batch, params)
         if self.device.type != "cuda":
             return Launched(order, batch, params, pooled.to_host(), None)
