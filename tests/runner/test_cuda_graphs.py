@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 import pytest
 import torch
@@ -105,3 +106,15 @@ def test_a_cpu_runner_never_captures(make_model, caplog):
 def test_cuda_graph_option_is_checked(make_model, value, message):
     with pytest.raises(ConfigError, match=message):
         LLM(str(make_model("bert", "seq")), device="cpu", cuda_graph_max_tokens=value)
+
+
+def test_the_serve_flag_reaches_the_engine_config(make_model, caplog, monkeypatch):
+    from winnow.cli import main
+
+    defaults = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}
+    for key, value in defaults.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))  # main() sets these defaults; restored afterwards
+    with caplog.at_level(logging.ERROR):
+        code = main(["serve", str(make_model("bert", "seq")), "--device", "cpu", "--cuda-graph-max-tokens", "64"])
+    assert code == 2
+    assert "cuda_graph_max_tokens needs a CUDA device" in caplog.text
