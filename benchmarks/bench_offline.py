@@ -72,6 +72,7 @@ class ModelSpec:
     default_num_prompts: int | None = None  # overrides --num-prompts when that is not given
     vocab_size: int = 30522
     num_labels: int = 2
+    family: str = "bert"  # bench_suite also builds "qwen3" and "deberta-v2" shapes (its FAMILY_CONFIGS)
 
 
 MODELS: dict[str, ModelSpec] = {

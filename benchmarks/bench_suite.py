@@ -6,7 +6,9 @@ Methodology
   ``bench_offline.build_model_folder`` with the real BERT uncased tokenizer; nothing is downloaded.
   ``minilm`` = all-MiniLM-L6-v2 shape (384 hidden, 6 layers, 12 heads, 1536 ffn), 2 labels;
   ``bert-base`` = 768/12/12/3072, 2 labels; ``cross-encoder`` = bert-base shape with 1 label, fed
-  (query, document) pairs. Speed depends on the shapes, not on the weight values.
+  (query, document) pairs; ``qwen3-0.6b`` (Qwen3-0.6B's shape, ``bench_decoder``) and
+  ``deberta-v3-base`` (``bench_deberta``) are 2-label text classifiers of the other families, for
+  which the ONNX Runtime systems do not apply. Speed depends on the shapes, not on the weight values.
 * Workloads (seeded): ``bench_offline.make_workload`` texts, token counts log-uniform in [8, 256].
   Cross-encoder items pair a query of 8-24 tokens with a workload text; documents are cut word by word
   (each word is one token) so that no pair exceeds 256 tokens, hence no system truncates anything.
@@ -75,10 +77,12 @@ import sentence_transformers
 import torch
 import transformers
 from sentence_transformers import CrossEncoder
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config, Qwen3Config, pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines_onnx  # the sibling modules, importable once their folder is on the path
+import bench_deberta
+import bench_decoder
 import bench_offline as offline
 
 import winnow
@@ -102,6 +106,14 @@ SUITE_MODELS: dict[str, offline.ModelSpec] = {
     "bert-base": dataclasses.replace(offline.MODELS["bert-base"], default_num_prompts=128),
     "cross-encoder": dataclasses.replace(
         offline.MODELS["bert-base"], name="cross-encoder", num_labels=1, default_num_prompts=128
+    ),
+    # The other families of the issue, as 2-label text classifiers; fewer prompts: on 2 cores a
+    # Qwen3-0.6B-shape pass over 32 prompts takes ~20 s in float32.
+    "qwen3-0.6b": offline.ModelSpec(
+        "qwen3-0.6b", 1024, 28, 16, 3072, default_num_prompts=32, vocab_size=151669, family="qwen3"
+    ),
+    "deberta-v3-base": offline.ModelSpec(
+        "deberta-v3-base", 768, 12, 12, 3072, default_num_prompts=64, vocab_size=128100, family="deberta-v2"
     ),
 }
 
@@ -135,6 +147,34 @@ SYSTEMS: dict[str, SystemInfo] = {
 def is_pair_model(spec: offline.ModelSpec) -> bool:
     """A 1-label model is a cross-encoder: it scores (query, document) pairs."""
     return spec.num_labels == 1
+
+
+def takes_token_types(spec: offline.ModelSpec) -> bool:
+    """Decoders take no token_type_ids (the BERT tokenizer the suite saves would produce them)."""
+    return spec.family != "qwen3"
+
+
+def load_tokenizer(spec: offline.ModelSpec, folder: Path) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not takes_token_types(spec):  # so that hf-arrival and pipeline pass none
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return tokenizer
+
+
+def build_folder(spec: offline.ModelSpec, root: Path) -> Path:
+    """A random-weight classifier of ``spec``'s family and shape, with the BERT uncased tokenizer."""
+    if spec.family == "bert":
+        return offline.build_model_folder(spec, root)
+    if spec.family == "qwen3":
+        architecture = "Qwen3ForSequenceClassification"
+        config: Any = Qwen3Config(**bench_decoder.QWEN3_0_6B, pad_token_id=0, architectures=[architecture])
+    elif spec.family == "deberta-v2":
+        architecture = "DebertaV2ForSequenceClassification"
+        config = DebertaV2Config(**bench_deberta.V3_BASE, architectures=[architecture])
+    else:
+        raise ValueError(f"unknown model family {spec.family!r}")
+    config.num_labels = spec.num_labels
+    return offline.save_random_model(root / f"{spec.name}-random-cls", config)
 
 
 def bf16_supported() -> bool:
@@ -197,9 +237,19 @@ def build_workload(tokenizer: Any, spec: offline.ModelSpec, num_prompts: int) ->
 
 
 def encoder_flops(spec: offline.ModelSpec, lengths: Sequence[int]) -> float:
-    """Useful FLOPs of a BERT encoder over sequences of ``lengths`` real tokens (no padding)."""
+    """Useful FLOPs over sequences of ``lengths`` real tokens (no padding). BERT and DeBERTa (whose
+    relative-position terms are not counted): projections, feed-forward, both attention products.
+    Qwen3: grouped-query projections, the gated feed-forward's three matrices, causal attention
+    (half the score matrix)."""
     h, ffn = spec.hidden_size, spec.intermediate_size
-    per_layer = sum(2 * n * (4 * h * h + 2 * h * ffn) + 4 * n * n * h for n in lengths)
+    if spec.family == "qwen3":
+        shape = bench_decoder.QWEN3_0_6B
+        q = shape["num_attention_heads"] * shape["head_dim"]
+        kv = shape["num_key_value_heads"] * shape["head_dim"]
+        weights = 2 * h * q + 2 * h * kv + 3 * h * ffn  # q and o, k and v, gate / up / down
+        per_layer = sum(2 * n * weights + 2 * n * n * q for n in lengths)
+    else:
+        per_layer = sum(2 * n * (4 * h * h + 2 * h * ffn) + 4 * n * n * h for n in lengths)
     return float(spec.num_hidden_layers * per_layer)
 
 
@@ -224,8 +274,10 @@ class SigmoidAsBinary:
         return SimpleNamespace(logits=torch.cat([torch.zeros_like(logits), logits], dim=-1))
 
 
-def sorted_batches(model: Any, tokenizer: Any) -> Runner:
-    return functools.partial(offline.hf_classify_sorted, model, tokenizer, batch_size=BATCH_SIZE)
+def sorted_batches(model: Any, tokenizer: Any, token_types: bool = True) -> Runner:
+    return functools.partial(
+        offline.hf_classify_sorted, model, tokenizer, batch_size=BATCH_SIZE, token_type_ids=token_types
+    )
 
 
 def arrival_batches(model: Any, tokenizer: Any, batch_size: int) -> Runner:
@@ -289,21 +341,28 @@ def winnow_runners(folder: Path, pairs: bool, wanted: set[str], skipped: dict[st
     return runners
 
 
-def transformers_runners(folder: Path, tokenizer: Any, pairs: bool, wanted: set[str]) -> dict[str, Runner]:
+def load_hf(folder: Path, dtype: torch.dtype) -> Any:
+    """transformers' classifier with SDPA, or eager attention where the family has no SDPA (DeBERTa)."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
+    except (ValueError, ImportError):
+        model = AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
+    return model.eval()
+
+
+def transformers_runners(
+    folder: Path, tokenizer: Any, pairs: bool, wanted: set[str], token_types: bool = True
+) -> dict[str, Runner]:
     """hf-sorted, hf-arrival and pipeline (texts) or crossencoder (pairs); hf-sorted is always built."""
-    hf = AutoModelForSequenceClassification.from_pretrained(
-        folder, attn_implementation="sdpa", dtype=torch.float32
-    ).eval()
+    hf = load_hf(folder, torch.float32)
     model = SigmoidAsBinary(hf) if pairs else hf
     runners = {
-        "hf-sorted": sorted_batches(model, tokenizer),  # also the reference of the agreement check
+        "hf-sorted": sorted_batches(model, tokenizer, token_types),  # also the reference of the agreement check
         "hf-arrival": arrival_batches(model, tokenizer, BATCH_SIZE),
     }
     if "hf-sorted-bf16" in wanted:  # the same loop in bfloat16: winnow-bf16's like-for-like baseline
-        half = AutoModelForSequenceClassification.from_pretrained(
-            folder, attn_implementation="sdpa", dtype=torch.bfloat16
-        ).eval()
-        runners["hf-sorted-bf16"] = sorted_batches(SigmoidAsBinary(half) if pairs else half, tokenizer)
+        half = load_hf(folder, torch.bfloat16)
+        runners["hf-sorted-bf16"] = sorted_batches(SigmoidAsBinary(half) if pairs else half, tokenizer, token_types)
     if "pipeline" in wanted and not pairs:
         pipe = pipeline("text-classification", model=hf, tokenizer=tokenizer, device=-1, batch_size=BATCH_SIZE)
         runners["pipeline"] = functools.partial(pipeline_classify, pipe)
@@ -341,6 +400,8 @@ def check_fusions(spec: offline.ModelSpec, ops: dict[str, int]) -> None:
 def skip_reasons(spec: offline.ModelSpec, wanted: set[str]) -> dict[str, str]:
     kind = "pairs" if is_pair_model(spec) else "texts"
     reasons = {n: f"n/a: {SYSTEMS[n].only} only" for n in wanted if SYSTEMS[n].only not in (None, kind)}
+    if spec.family != "bert":  # baselines_onnx exports and fuses BERT-shape models only
+        reasons.update({n: "n/a: ORT's BERT fusions (BERT-shape models only)" for n in wanted if n.startswith("ort-")})
     if not bf16_supported():
         no_bf16 = {"winnow-bf16", "winnow-bf16-single", "hf-sorted-bf16"}
         reasons.update(dict.fromkeys(wanted & no_bf16, "skipped: no bf16 hardware"))
@@ -411,7 +472,7 @@ def build_runners(
     pairs = is_pair_model(spec)
     runners = {
         **winnow_runners(folder, pairs, active, skipped),
-        **transformers_runners(folder, tokenizer, pairs, active),
+        **transformers_runners(folder, tokenizer, pairs, active, takes_token_types(spec)),
     }
     ops = None
     if any(name.startswith("ort-") for name in active):
@@ -458,7 +519,7 @@ def add_winnow_ratios(results: dict[str, dict[str, Any]]) -> None:
 
 def bench_model(spec: offline.ModelSpec, folder: Path, args: argparse.Namespace, fp32_rate: float) -> dict[str, Any]:
     label = spec.name
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(spec, folder)
     workload = build_workload(tokenizer, spec, args.num_prompts or spec.default_num_prompts)
     flops = encoder_flops(spec, workload.lengths)
     print(f"[{label}] workload: {offline.describe_lengths(workload.lengths)}; {flops / 1e9:.0f} useful GFLOP")
@@ -551,7 +612,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 COLUMNS = (  # header, width, cell
-    ("model", 13, lambda m, n, r: m),
+    ("model", 15, lambda m, n, r: m),
     ("system", 16, lambda m, n, r: n),
     ("seq/s", 8, lambda m, n, r: fmt(r["seqs_per_s"], ".1f")),
     ("tok/s", 8, lambda m, n, r: fmt(r["tokens_per_s"], ".0f")),
@@ -579,7 +640,7 @@ def print_table(reports: list[dict[str, Any]], repeats: int) -> None:
         for name, r in report["results"].items():
             print(table_row([cell(report["model"], name, r) for _, _, cell in COLUMNS]))
         for name, reason in report["skipped"].items():
-            print(f"{report['model']:<13} {name:<16} {reason}")
+            print(f"{report['model']:<15} {name:<16} {reason}")
     print(
         "\nwinnow/x = system time / winnow time (winnow-single for *-single): above 1, winnow is faster. "
         f"check: max|diff| vs hf-sorted <= {FP32_ATOL:g} (fp32) or {LOW_PRECISION_ATOL:g} (bf16, int8)."
@@ -601,7 +662,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--models", default=",".join(SUITE_MODELS), help="comma-separated subset of the models")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of the systems")
-    p.add_argument("--num-prompts", type=int, default=None, help="items per model (default minilm 512, others 128)")
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="items per model (default minilm 512, bert-base 128, ...)"
+    )
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed passes per system (median reported)")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep model folders and ONNX exports here")
     p.add_argument("--json", type=Path, default=None, help="write everything, per-run times included, here")
@@ -638,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports = []
         for name in args.models:
             spec = SUITE_MODELS[name]
-            reports.append(bench_model(spec, offline.build_model_folder(spec, args.root), args, rates["fp32"] or 1.0))
+            reports.append(bench_model(spec, build_folder(spec, args.root), args, rates["fp32"] or 1.0))
             gc.collect()  # free this model's copies before the next one loads
     env["loadavg_end"] = offline.load_average()
     print_table(reports, args.repeats)
