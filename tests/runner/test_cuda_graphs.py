@@ -118,3 +118,28 @@ def test_the_serve_flag_reaches_the_engine_config(make_model, caplog, monkeypatc
         code = main(["serve", str(make_model("bert", "seq")), "--device", "cpu", "--cuda-graph-max-tokens", "64"])
     assert code == 2
     assert "cuda_graph_max_tokens needs a CUDA device" in caplog.text
+
+
+class _Replay:
+    """Stands in for captured graphs on a CPU: ``run`` is the eager forward, optionally disturbed."""
+
+    def __init__(self, model, disturb: float) -> None:
+        self.model, self.disturb = model, disturb
+
+    def run(self, batch):
+        out = self.model(batch)
+        return out + self.disturb * out.abs().mean() * torch.randn_like(out)
+
+
+@pytest.mark.parametrize(("disturb", "accepted"), [(0.0, True), (0.01, True), (1.0, False)])
+def test_the_capture_check_accepts_rounding_and_refuses_real_differences(make_model, disturb, accepted):
+    from winnow.runner.cuda_graphs import _check_bucket
+
+    model = LLM(str(make_model("bert", "seq")), device="cpu", dtype="float32").engine.core.runner.model
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        if accepted:
+            _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100)
+        else:
+            with pytest.raises(RuntimeError, match="differ from the eager forward"):
+                _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100)

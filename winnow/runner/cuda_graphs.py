@@ -35,9 +35,10 @@ from winnow.runner.batch import Batch, build_batch, to_device
 logger = logging.getLogger(__name__)
 
 _SMALLEST_BUCKET = 16
-# Hidden states of a graph and of the eager forward differ by GEMM tiling only (bf16 rounding):
-# a filler sequence leaking into real ones, or stale boundaries, moves them by O(1).
-_CHECK_ATOL = 5e-2
+# Hidden states of a graph and of the eager forward differ by GEMM tiling only (bf16 rounding, ~1 %
+# relative over a deep model); a filler leaking into real sequences, or stale boundaries, change the
+# attention outputs by tens of percent. Relative to the states' norm: decoders' states reach tens.
+_CHECK_RTOL = 5e-2
 
 
 def capture_sizes(max_tokens: int) -> tuple[int, ...]:
@@ -166,8 +167,8 @@ def _check_bucket(
     lens = [max(1, size // 2), max(1, size // 4)]
     ids = [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lens]
     batch = build_batch(ids, [None, None], device)
-    expected = model(batch)
-    got = graphs.run(batch)
-    diff = (got.float() - expected.float()).abs().max().item()
-    if not diff <= _CHECK_ATOL:
-        raise RuntimeError(f"the {size}-token graph differs from the eager forward by {diff:.3g}")
+    expected = model(batch).float()  # [tokens, hidden]
+    got = graphs.run(batch).float()
+    error = ((got - expected).norm() / expected.norm()).item()
+    if not error <= _CHECK_RTOL:
+        raise RuntimeError(f"the {size}-token graph's states differ from the eager forward's by {error:.3g} (relative)")
