@@ -303,7 +303,8 @@ class LLM:
             core.add_request(Request(rid, prompt, p))
         results: dict[str, torch.Tensor] = {}
         bar_class = use_tqdm if callable(use_tqdm) else tqdm
-        # No bar object at all when it is off: a short call would spend ~30 us building a disabled one.
+        # No bar object at all when it is off: building a disabled one cost a short request ~0.09 ms
+        # (MiniLM, paired call by call).
         bar_context = (
             nullcontext(_NoBar())
             if use_tqdm is False

@@ -162,19 +162,19 @@ def _one_sequence(
     ids: list[int], types: list[int] | None, device: torch.device, output_token: Literal["first", "last"] | None
 ) -> Batch:
     """``build_batch`` for a lone request, the latency-bound case: the same ``Batch`` from a handful
-    of small tensors, without the grouping and padding bookkeeping (20 against 26 us here)."""
+    of small tensors, without the grouping and padding bookkeeping. 20 against 26 us in a loop; in
+    place, after a forward has cooled the caches, 0.15 ms less per MiniLM request (paired, two runs)."""
     n = len(ids)
+    starts = np.array([0, n], dtype=np.int64)
     return Batch(
         input_ids=to_device(np.array(ids, dtype=np.int64), device),
         positions=torch.arange(n, device=device),
         token_type_ids=None if types is None else to_device(np.array(types, dtype=np.int64), device),
-        cu_seqlens=to_device(np.array([0, n], dtype=np.int32), device),
+        cu_seqlens=to_device(starts.astype(np.int32), device),
         seq_lens=(n,),
         max_seqlen=n,
         attn_groups=(AttentionGroup(0, n, 1, n, device, None, None),),
-        output_rows=None
-        if output_token is None
-        else to_device(np.array([0 if output_token == "first" else n - 1], dtype=np.int64), device),
+        output_rows=None if output_token is None else to_device(_token_rows(starts, output_token), device),
     )
 
 
