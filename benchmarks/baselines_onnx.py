@@ -39,7 +39,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -70,24 +70,42 @@ class OnnxModels:
     int8_ops: dict[str, int]
 
 
-def export_onnx(folder: Path, target: Path) -> None:
-    """TorchScript-export the eager-attention transformers model with dynamic batch and sequence axes."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float32
-    ).eval()
+class _Encoder(torch.nn.Module):
+    """The bare encoder with a tensor output: traced as is, ``BertModel`` stops the TorchScript
+    exporter with "got multiple values for argument 'use_cache'" (transformers 5.x)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> Any:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+
+
+def export_onnx(folder: Path, target: Path, head: bool = True) -> None:
+    """TorchScript-export the eager-attention transformers model with dynamic batch and sequence axes:
+    the sequence classifier's ``logits`` (``head``), or the bare encoder's ``last_hidden_state``."""
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "dtype": torch.float32}
+    if head:
+        model, output = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs), "logits"
+    else:
+        model, output = _Encoder(AutoModel.from_pretrained(folder, **kwargs)), "last_hidden_state"
     dummy = tuple(torch.ones((2, 16), dtype=torch.long) for _ in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    axes[output] = {0: "batch"} if head else {0: "batch", 1: "sequence"}
     with warnings.catch_warnings(), torch.inference_mode():
         # The legacy exporter is deprecated and the tracer warns about python-side shape checks in
         # transformers' mask code; the suite's agreement check verifies the exported graph instead.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            model.eval(),
             dummy,
             str(target),
             input_names=list(INPUT_NAMES),
-            output_names=["logits"],
-            dynamic_axes={**axes, "logits": {0: "batch"}},
+            output_names=[output],
+            dynamic_axes=axes,
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
@@ -120,15 +138,16 @@ def op_counts(path: Path) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
-def build_onnx_models(folder: Path, root: Path, num_heads: int, hidden_size: int) -> OnnxModels:
-    """Export, optimize and quantize ``folder`` under ``root/<folder name>-onnx``; reuse what is there."""
-    out = root / f"{folder.name}-onnx"
+def build_onnx_models(folder: Path, root: Path, num_heads: int, hidden_size: int, head: bool = True) -> OnnxModels:
+    """Export (see :func:`export_onnx` for ``head``), optimize and quantize ``folder`` under
+    ``root/<folder name>-onnx`` (``-encoder-onnx`` without the head); reuse what is there."""
+    out = root / f"{folder.name}-{'onnx' if head else 'encoder-onnx'}"
     fp32, int8 = out / "model-opt.onnx", out / "model-opt-int8.onnx"
     if not (fp32.exists() and int8.exists()):
         work = out.with_name(out.name + ".partial")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        export_onnx(folder, work / "model.onnx")
+        export_onnx(folder, work / "model.onnx", head)
         optimize_bert(work / "model.onnx", work / fp32.name, num_heads, hidden_size)
         quantize_int8(work / fp32.name, work / int8.name)
         (work / "model.onnx").unlink()  # only the optimized models are used
