@@ -90,7 +90,7 @@ def test_the_grid_path_refuses_a_batch_without_groups():
 def test_a_failed_capture_leaves_graphs_off(make_model, caplog):
     runner = LLM(str(make_model("bert", "seq")), device="cpu").engine.core.runner
     with caplog.at_level(logging.WARNING):
-        assert CudaGraphs.capture(runner.model, CPU, 32, vocab_size=100) is None  # no CUDA here
+        assert CudaGraphs.capture(runner.model, CPU, 32, vocab_size=100, max_len=64) is None  # no CUDA here
     assert "CUDA graphs are off" in caplog.text
 
 
@@ -139,7 +139,26 @@ def test_the_capture_check_accepts_rounding_and_refuses_real_differences(make_mo
     torch.manual_seed(0)
     with torch.inference_mode():
         if accepted:
-            _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100)
+            _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100, max_len=64)
         else:
             with pytest.raises(RuntimeError, match="differ from the eager forward"):
-                _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100)
+                _check_bucket(_Replay(model, disturb), model, CPU, 32, vocab_size=100, max_len=64)
+
+
+def test_the_capture_check_keeps_its_sequences_within_the_model_length(make_model):
+    """A 512-token bucket of a model with 64 positions: the check's sequences are cut to 64 tokens
+    (longer ones would index past the position table, which on a GPU kills the process)."""
+    from winnow.runner.cuda_graphs import _check_bucket
+
+    runner = LLM(str(make_model("bert", "seq")), device="cpu", dtype="float32").engine.core.runner
+    max_len = runner.config.max_model_len
+    assert max_len < 512 // 4
+    seen = []
+
+    def recording(batch):
+        seen.append(batch.seq_lens)
+        return runner.model(batch)
+
+    with torch.inference_mode():
+        _check_bucket(_Replay(runner.model, 0.0), recording, CPU, 512, vocab_size=100, max_len=max_len)
+    assert seen == [(max_len, max_len)]

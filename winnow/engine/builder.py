@@ -125,16 +125,18 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         token_to_id=tokenizers.token_to_id,
         trust_remote_code=args.trust_remote_code,
     )
+    max_num_batched_tokens = _batched_tokens(args.max_num_batched_tokens, model_config.max_model_len, device)
     config = EngineConfig(
         model=model_config,
         device=device,
-        max_num_batched_tokens=_batched_tokens(args.max_num_batched_tokens, model_config.max_model_len, device),
+        max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=_positive(args.max_num_seqs, "max_num_seqs")
         or (_GPU_MAX_SEQS if device.type == "cuda" else _CPU_MAX_SEQS),
         chat_template=load_template(args.chat_template),
         seed=args.seed,
         quantization=quantization,
-        cuda_graph_max_tokens=_cuda_graph_tokens(args.cuda_graph_max_tokens, device),
+        # No batch holds more than the token budget: larger buckets would never replay.
+        cuda_graph_max_tokens=min(_cuda_graph_tokens(args.cuda_graph_max_tokens, device), max_num_batched_tokens),
     )
     inputs = InputProcessor(
         tokenizers,

@@ -121,15 +121,22 @@ class CudaGraphs:
 
     @classmethod
     def capture(
-        cls, model: Callable[[Batch], torch.Tensor], device: torch.device, max_tokens: int, vocab_size: int
+        cls,
+        model: Callable[[Batch], torch.Tensor],
+        device: torch.device,
+        max_tokens: int,
+        *,
+        vocab_size: int,
+        max_len: int,
     ) -> CudaGraphs | None:
         """Capture every bucket up to ``max_tokens`` (largest first, sharing one memory pool) and check
-        each against the eager forward; None, with a warning, if anything fails."""
+        each against the eager forward on sequences of at most ``max_len`` tokens (the model's
+        length); None, with a warning, if anything fails."""
         try:
             graphs = _capture_all(model, device, capture_sizes(max_tokens))
             captured = cls(graphs)
             for size in captured.sizes:
-                _check_bucket(captured, model, device, size, vocab_size)
+                _check_bucket(captured, model, device, size, vocab_size=vocab_size, max_len=max_len)
         except Exception as exc:  # capture failures surface as many exception types
             logger.warning(
                 "CUDA graphs are off: %s: %s. The eager forward serves every batch.", type(exc).__name__, exc
@@ -160,11 +167,19 @@ def _capture_all(
 
 
 def _check_bucket(
-    graphs: CudaGraphs, model: Callable[[Batch], torch.Tensor], device: torch.device, size: int, vocab_size: int
+    graphs: CudaGraphs,
+    model: Callable[[Batch], torch.Tensor],
+    device: torch.device,
+    size: int,
+    *,
+    vocab_size: int,
+    max_len: int,
 ) -> None:
-    """Two sequences filling ~3/4 of the bucket, random ids: the graph must give the eager states."""
+    """Two sequences filling ~3/4 of the bucket (each at most ``max_len`` tokens: a longer one would
+    index past the position embeddings, a device-side assert that ends the process), random ids:
+    the graph must give the eager states."""
     gen = torch.Generator().manual_seed(size)
-    lens = [max(1, size // 2), max(1, size // 4)]
+    lens = [min(max_len, max(1, size // 2)), min(max_len, max(1, size // 4))]
     ids = [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lens]
     batch = build_batch(ids, [None, None], device)
     expected = model(batch).float()  # [tokens, hidden]

@@ -111,7 +111,9 @@ class ModelRunner:
         if self.device.type != "cuda" or not self.config.entry.is_native:
             logger.warning("CUDA graphs need a native model on a CUDA device; running eagerly.")
             return None
-        return CudaGraphs.capture(self.model, self.device, max_tokens, self.config.vocab_size)
+        return CudaGraphs.capture(
+            self.model, self.device, max_tokens, vocab_size=self.config.vocab_size, max_len=self.config.max_model_len
+        )
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """[num_tokens, hidden], or [num_seqs, hidden] for ``batch.output_rows``: a captured graph
