@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="GPU, experimental: batches of up to this many tokens replay captured CUDA graphs (0: off).",
     )
+    batching.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=None,
+        help="CPU: batches run side by side, each on cores // N threads; a lone request still gets every core.",
+    )
     return parser
 
 
@@ -164,6 +170,7 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         trust_remote_code=args.trust_remote_code,
         revision=args.revision,
         cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+        cpu_workers=args.cpu_workers,
     )
     try:
         config, inputs = prepare_engine(engine_args)

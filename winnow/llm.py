@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from winnow.engine.builder import EngineArgs, build_engine
+from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
 from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import TokenizedPrompt, parse_prompts, parse_truncation
@@ -91,6 +92,7 @@ class LLM:
         seed: int = 0,
         revision: str | None = None,
         cuda_graph_max_tokens: int = 0,
+        cpu_workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         legacy_pooler = kwargs.pop("override_pooler_config", None)
@@ -124,6 +126,7 @@ class LLM:
                 revision=revision,
                 seed=seed,
                 cuda_graph_max_tokens=cuda_graph_max_tokens,
+                cpu_workers=cpu_workers,
             )
         )
         self.model_config = self.engine.config.model
@@ -311,12 +314,17 @@ class LLM:
             else bar_class(total=len(prompts), desc="Processed prompts", unit="prompt", delay=1.0)
         )
         with bar_context as bar:
+
+            def keep(finished: Finished) -> None:
+                for request, output in finished:
+                    results[request.request_id] = output
+                bar.update(len(finished))
+
             try:
-                while core.has_unfinished():
-                    finished = core.step()
-                    for request, output in finished:
-                        results[request.request_id] = output
-                    bar.update(len(finished))
+                if core.workers > 1:
+                    core.drain(keep)
+                while core.has_unfinished():  # one worker (and a GPU's overlapped last batch)
+                    keep(core.step())
             except BaseException:
                 core.abort_requests(set(request_ids))
                 raise

@@ -1,4 +1,5 @@
-"""``AsyncEngine``: many coroutines share one engine thread and its batches, on a real tiny model.
+"""``AsyncEngine``: many coroutines share one engine thread and its batches, on a real tiny model
+(``cpu_workers=1``; several loop threads are covered in test_cpu_workers.py).
 
 Covered: results equal the offline ``LLM`` for every client, requests of different clients share
 forward passes, a cancelled client's waiting requests cost nothing, the waiting-queue limit,
@@ -98,6 +99,8 @@ def serving(
     """
     engine_args.setdefault("max_num_batched_tokens", 256)
     engine_args.setdefault("max_num_seqs", 8)
+    # One loop thread: these tests reason about the order of batches (test_cpu_workers.py covers several).
+    engine_args.setdefault("cpu_workers", 1)
     log = StepLog(gate)
     engine = build_engine(EngineArgs(model=str(model_path), device="cpu", **engine_args), on_step=log)
     served = AsyncEngine(engine.core, max_pending_requests=max_pending_requests)
@@ -110,7 +113,7 @@ def serving(
         if gate is not None:
             gate.released.set()
         served.shutdown(timeout=TIMEOUT)
-        leaked = [t for t in threading.enumerate() if t not in threads_before and t.name == "winnow-engine"]
+        leaked = [t for t in threading.enumerate() if t not in threads_before and t.name.startswith("winnow-engine")]
         assert not leaked, "the engine thread is still running after shutdown()"
 
 

@@ -1,10 +1,13 @@
-"""Drives an ``EngineCore`` from one background thread so many coroutines can share its batches.
+"""Drives an ``EngineCore`` from background threads so many coroutines can share its batches.
 
-``await engine.run(requests)`` from any number of clients: requests join one waiting queue, the
-loop thread batches whatever is waiting (so requests of different clients share a forward pass),
-and each output is handed back to the awaiting coroutine on its own event loop. A cancelled
-coroutine (client gone) has its still-waiting requests dropped before they cost any compute.
-The model runs on the loop thread only: the event loop is never blocked by model work.
+``await engine.run(requests)`` from any number of clients: requests join one waiting queue, a loop
+thread batches whatever is waiting (so requests of different clients share a forward pass), and
+each output is handed back to the awaiting coroutine on its own event loop. A cancelled coroutine
+(client gone) has its still-waiting requests dropped before they cost any compute. The model runs
+on the loop threads only: the event loop is never blocked by model work. On a CPU with
+``cpu_workers`` > 1 there is one loop thread per worker, each running its own batches on its share
+of the cores (engine/cpu_cores.py); on a GPU one thread overlaps a batch's host work with the
+previous batch's device work.
 """
 
 from __future__ import annotations
@@ -37,26 +40,30 @@ class AsyncEngine:
         self._pending: dict[str, _Pending] = {}
         self._stopping = False
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="winnow-engine", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"winnow-engine-{i}", daemon=True) for i in range(core.workers)
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking work, finish every request already submitted, then stop the loop thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        elif self._thread.ident is None:  # never started: nothing will answer what was submitted
+        if any(t.ident is None for t in self._threads):  # never started: nothing will answer what was submitted
             self._fail_pending(EngineDeadError("The engine was shut down before it started."))
+            return
+        for thread in self._threads:
+            thread.join(timeout)
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive() and not self._stopping
+        return self._dead is None and all(t.is_alive() for t in self._threads) and not self._stopping
 
     @property
     def num_pending(self) -> int:
@@ -105,17 +112,21 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while in_flight is None and not self.core.has_unfinished() and not self._stopping:
+                    while not self._ready(in_flight):
                         self._cond.wait()
-                    batch = self.core.schedule()
+                    batch, threads = self._next_batch()
                 if not batch and in_flight is None:
-                    return  # stopping and drained
-                launched = self._launch(batch) if batch else None
+                    if self._stopping and not self.core.scheduler.num_waiting:
+                        return  # stopping and drained
+                    continue  # another worker took the work
+                launched = self._launch(batch, threads) if batch else None
                 if not self.core.overlaps:
                     in_flight, launched = launched, None
                 if in_flight is not None:
                     self._finish(in_flight)
                 in_flight = launched
+                if threads is not None:  # a CPU batch is done on return: its cores are free again
+                    self._give_back(threads)
         except BaseException as e:  # a dead loop must fail every waiter, whatever killed it
             logger.exception("The engine loop stopped")
             self._dead = e
@@ -127,9 +138,32 @@ class AsyncEngine:
         for future, loop in pending.values():
             _hand_back(loop, [(future, error)])
 
-    def _launch(self, batch: list[Request]) -> _Launch:
+    def _ready(self, in_flight: _Launch | None) -> bool:
+        """Whether this loop thread has something to do (called under the lock)."""
+        cpu, waiting = self.core.cpu, self.core.scheduler.num_waiting
+        if in_flight is not None or (waiting and (cpu is None or cpu.can_start())):
+            return True
+        return self._stopping and not waiting
+
+    def _next_batch(self) -> tuple[list[Request], int | None]:
+        """The next batch and its torch threads (None on a GPU); empty when the cores are taken."""
+        cpu = self.core.cpu
+        if cpu is None:
+            return self.core.schedule(), None
+        if not cpu.can_start():
+            return [], None
+        batch = self.core.schedule()
+        return batch, cpu.take(alone=not self.core.scheduler.num_waiting) if batch else None
+
+    def _give_back(self, threads: int) -> None:
+        assert self.core.cpu is not None
+        with self._cond:
+            self.core.cpu.give_back(threads)
+            self._cond.notify_all()
+
+    def _launch(self, batch: list[Request], threads: int | None) -> _Launch:
         try:
-            return batch, self.core.launch(batch)
+            return batch, self.core.launch(batch, threads)
         except Exception as e:
             logger.exception("A batch of %d requests failed", len(batch))
             return batch, e

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from winnow.config import HFOverrides, ModelConfig, load_hf_config, resolve_device
+from winnow.engine.cpu_cores import CpuCores
 from winnow.engine.engine_core import EngineCore, StepStats
 from winnow.engine.scheduler import Scheduler
 from winnow.errors import ConfigError
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 # throughput and only add latency (see benchmarks/); GPUs need far larger batches to fill.
 _CPU_BATCHED_TOKENS, _GPU_BATCHED_TOKENS = 4096, 16384
 _CPU_MAX_SEQS, _GPU_MAX_SEQS = 128, 512
+# CPU workers when cpu_workers is unset (engine/cpu_cores.py), on a CPU with at least that many threads.
+_DEFAULT_CPU_WORKERS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,7 @@ class EngineArgs:
     revision: str | None = None
     seed: int = 0
     cuda_graph_max_tokens: int = 0  # 0: eager; else capture CUDA graphs for batches up to this many tokens
+    cpu_workers: int | None = None  # CPU: batches run side by side, each on cores // cpu_workers threads
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,18 @@ class EngineConfig:
     seed: int
     quantization: str | None = None  # "int8": feed-forward layers in int8 (CPU)
     cuda_graph_max_tokens: int = 0  # batches up to this many tokens replay captured graphs (GPU); 0: off
+    cpu_workers: int = 1  # batches running side by side on the CPU's cores (engine/cpu_cores.py); 1 on a GPU
+    cpu_cores: int = 1  # torch threads when the engine was configured: the cores the workers share
 
     def describe(self) -> str:
         """One line for logs: what runs, how, where."""
         m = self.model
         path = "native" if m.entry.is_native else "transformers fallback"
         dtype = str(m.dtype).replace("torch.", "") + (" + int8 feed-forward" if self.quantization else "")
-        return f"{m.architecture} ({path}), task {m.task}, on {self.device} in {dtype}, max_model_len {m.max_model_len}"
+        where = str(self.device)
+        if self.device.type == "cpu":
+            where += f" ({self.cpu_workers} workers on {self.cpu_cores} threads)"
+        return f"{m.architecture} ({path}), task {m.task}, on {where} in {dtype}, max_model_len {m.max_model_len}"
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         quantization=quantization,
         # No batch holds more than the token budget: larger buckets would never replay.
         cuda_graph_max_tokens=min(_cuda_graph_tokens(args.cuda_graph_max_tokens, device), max_num_batched_tokens),
+        cpu_workers=_cpu_workers(args.cpu_workers, device, torch.get_num_threads(), native=entry.is_native),
+        cpu_cores=torch.get_num_threads(),
     )
     inputs = InputProcessor(
         tokenizers,
@@ -164,8 +175,9 @@ def load_engine(
         max_num_seqs=config.max_num_seqs,
         padded_cost=runner.pads_dense_layers,
     )
+    cpu = CpuCores(config.cpu_cores, config.cpu_workers) if config.device.type == "cpu" else None
     logger.info("Loaded %s: %s, in %.1fs", model_config.model, config.describe(), time.perf_counter() - started)
-    return Engine(config, inputs, EngineCore(scheduler, runner, on_step=on_step))
+    return Engine(config, inputs, EngineCore(scheduler, runner, cpu=cpu, on_step=on_step))
 
 
 def _quantization(value: str | None, device: torch.device) -> str | None:
@@ -183,6 +195,25 @@ def _cuda_graph_tokens(value: int, device: torch.device) -> int:
         raise ConfigError(f"cuda_graph_max_tokens must be 0 (off) or a positive integer, got {value!r}.")
     if value and device.type != "cuda":
         raise ConfigError("cuda_graph_max_tokens needs a CUDA device; leave it at 0 on a CPU.")
+    return value
+
+
+def _cpu_workers(value: int | None, device: torch.device, cores: int, *, native: bool) -> int:
+    """The default is two workers on a CPU with two threads or more, for native models: their forward
+    keeps no state between calls. The transformers fallback runs one unless asked."""
+    if device.type != "cpu":
+        if value not in (None, 1):
+            raise ConfigError(
+                "cpu_workers applies to the CPU; a GPU runs one batch at a time and overlaps the next one's host work."
+            )
+        return 1
+    if value is None:
+        return _DEFAULT_CPU_WORKERS if native and cores >= _DEFAULT_CPU_WORKERS else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cores:
+        raise ConfigError(
+            f"cpu_workers must be an integer from 1 to the {cores} torch threads this process has "
+            f"(each worker runs its batches on cores // cpu_workers of them), got {value!r}."
+        )
     return value
 
 

@@ -1,15 +1,19 @@
-"""The engine core: requests -> scheduler -> model runner -> outputs. Synchronous and single-threaded;
-``AsyncEngine`` drives it from a background thread for the server, ``LLM`` calls ``step`` directly.
+"""The engine core: requests -> scheduler -> model runner -> outputs. ``AsyncEngine`` drives it from
+background threads for the server; ``LLM`` calls ``step`` directly, or ``drain`` when the CPU's cores
+are split among several workers (``cpu_workers``, engine/cpu_cores.py).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from winnow.engine.cpu_cores import CpuCores, use_threads
 from winnow.engine.request import Request
 from winnow.engine.scheduler import Scheduler
 from winnow.inputs.prompts import TokenizedPrompt
@@ -39,13 +43,25 @@ class InFlight:
     launched: Launched
 
 
+Finished = list[tuple[Request, torch.Tensor]]
+
+
 class EngineCore:
     def __init__(
-        self, scheduler: Scheduler, runner: ModelRunner, *, on_step: Callable[[StepStats], None] | None = None
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        *,
+        cpu: CpuCores | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
-        self.on_step = on_step  # observer for metrics; called after every executed batch
+        self.cpu = cpu  # the cores and how many workers share them; None on a GPU
+        self.on_step = on_step  # observer for metrics; called after every executed batch (from any worker)
+        # ``drain``'s other workers, started on first use and kept: a thread's first forward pass
+        # starts its OpenMP team (milliseconds), which a fresh thread per call would pay every time.
+        self._helpers: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: InFlight | None = None  # the batch ``step`` launched and has not yet returned
 
     def add_request(self, request: Request) -> None:
@@ -69,10 +85,13 @@ class EngineCore:
     def schedule(self) -> list[Request]:
         return self.scheduler.schedule()
 
-    def execute(self, requests: list[Request]) -> list[torch.Tensor]:
-        return self.collect(self.launch(requests))
+    def execute(self, requests: list[Request], threads: int | None = None) -> list[torch.Tensor]:
+        return self.collect(self.launch(requests, threads))
 
-    def launch(self, requests: list[Request]) -> InFlight:
+    def launch(self, requests: list[Request], threads: int | None = None) -> InFlight:
+        """``threads``: the torch threads this batch runs on (``CpuCores.take``); None: as they are."""
+        if threads is not None:
+            use_threads(threads)
         return InFlight(requests, time.monotonic(), self.runner.launch(requests))
 
     def collect(self, in_flight: InFlight) -> list[torch.Tensor]:
@@ -96,6 +115,65 @@ class EngineCore:
         params = PoolingParams(task=config.task)
         self.runner.execute([Request(f"warmup-{i}", prompt, params) for i in range(num_seqs)])
         self.runner.execute([Request("warmup-single", TokenizedPrompt(prompt.token_ids[:8]), params)])
+
+    @property
+    def workers(self) -> int:
+        return self.cpu.workers if self.cpu is not None else 1
+
+    def drain(self, on_finished: Callable[[Finished], None]) -> None:
+        """Run every waiting request on ``workers`` threads, this one included, until none is left
+        (``cpu_workers`` > 1; ``step`` is the one-worker loop). ``on_finished`` gets each batch's
+        results, one call at a time. The first error stops every worker from starting another batch
+        and is raised here once all have stopped; this thread's torch threads are restored."""
+        assert self.cpu is not None, "drain splits CPU cores; a GPU runs one batch at a time"
+        cpu, cond = self.cpu, threading.Condition()
+        errors: list[BaseException] = []
+
+        def next_batch() -> tuple[list[Request], int] | None:  # under ``cond``
+            while self.scheduler.num_waiting and not cpu.can_start() and not errors:
+                cond.wait()
+            if errors or not self.scheduler.num_waiting:
+                return None
+            requests = self.scheduler.schedule()
+            return requests, cpu.take(alone=not self.scheduler.num_waiting)
+
+        def work(batch: tuple[list[Request], int] | None) -> None:
+            try:
+                if batch is None:
+                    with cond:
+                        batch = next_batch()
+                while batch is not None:
+                    requests, threads = batch
+                    try:
+                        outputs = self.execute(requests, threads)
+                    finally:
+                        with cond:
+                            cpu.give_back(threads)
+                            cond.notify_all()
+                    with cond:
+                        on_finished(list(zip(requests, outputs)))
+                        batch = next_batch()
+            except BaseException as e:  # Ctrl-C in this thread, or a failed batch in any
+                with cond:
+                    errors.append(e)
+                    cond.notify_all()
+
+        threads_before = torch.get_num_threads()
+        with cond:
+            first = next_batch()
+        # The other workers join only if work is left: a lone request runs here, as with ``step``.
+        helpers = []
+        if self.scheduler.num_waiting:
+            if self._helpers is None:
+                self._helpers = concurrent.futures.ThreadPoolExecutor(cpu.workers - 1, "winnow-worker")
+            helpers = [self._helpers.submit(work, None) for _ in range(cpu.workers - 1)]
+        try:
+            work(first)
+        finally:
+            concurrent.futures.wait(helpers)
+            use_threads(threads_before)
+        if errors:
+            raise errors[0]
 
     def step(self) -> list[tuple[Request, torch.Tensor]]:
         """Schedule one batch and run it; return (request, output) for every request that finished.
