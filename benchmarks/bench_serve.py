@@ -35,7 +35,7 @@ Methodology
   client took from the server.
 * Offline reference: after the server has stopped (so the two never share the cores), the same
   script loads ``winnow.LLM(<same model>, device=--device)`` with the same ``--max-num-batched-tokens``
-  / ``--max-num-seqs`` (and the same default dtype as the server: bfloat16 on CPUs with bf16
+  / ``--max-num-seqs`` / ``--cpu-workers`` (and the same default dtype as the server: bfloat16 on CPUs with bf16
   instructions, else float32), runs one untimed warm-up over the first 64 items, then times ONE call
   (``embed`` / ``score(query, docs)`` / ``classify``) over exactly the items the server completed
   in the window, in the same order (``--offline-max-items`` caps that). The headline ratio is
@@ -186,6 +186,8 @@ def server_command(model_arg: str | None, port: int, args: argparse.Namespace) -
         cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.cpu_workers is not None:
+        cmd += ["--cpu-workers", str(args.cpu_workers)]
     cmd += args.server_args.split()
     return cmd
 
@@ -522,6 +524,8 @@ def offline_llm(model_arg: str | None, args: argparse.Namespace) -> winnow.LLM:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.cpu_workers is not None:
+        kwargs["cpu_workers"] = args.cpu_workers
     return winnow.LLM(model_arg, **kwargs) if model_arg is not None else winnow.LLM(**kwargs)
 
 
@@ -646,6 +650,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoding-format", choices=["float", "base64"], default="float", help="embed responses")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="passed to the server and LLM")
     p.add_argument("--max-num-seqs", type=int, default=None, help="passed to the server and LLM")
+    p.add_argument("--cpu-workers", type=int, default=None, help="passed to the server and LLM")
     p.add_argument("--device", default="cpu", help="server --device and LLM device")
     p.add_argument("--server-args", default="", help="more `winnow serve` flags, e.g. '--dtype float32'")
     p.add_argument("--offline-max-items", type=int, default=None, help="cap the offline pass (default: all served)")

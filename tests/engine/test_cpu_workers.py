@@ -147,6 +147,25 @@ def test_batches_run_on_both_workers_with_a_share_of_the_cores(model_path):
     assert llm.engine.core.cpu.free == 2  # every core given back
 
 
+def test_each_batch_takes_at_most_its_workers_share_of_what_is_left(model_path):
+    """So the call's last batches run side by side instead of one core idling at the end."""
+    llm = two_workers(model_path)
+    scheduler = llm.engine.core.scheduler
+    schedule, seen = scheduler.schedule, []
+
+    def recording(max_tokens=None):
+        waiting = scheduler.waiting_tokens
+        batch = schedule(max_tokens)
+        seen.append((waiting, sum(r.num_tokens for r in batch), len(batch)))
+        return batch
+
+    scheduler.schedule = recording
+    llm.classify(TEXTS, use_tqdm=False)
+    assert sum(tokens for _, tokens, _ in seen) == seen[0][0]  # every waiting token ran once
+    for waiting, tokens, size in seen:
+        assert tokens <= min(96, -(-waiting // 2)) or size == 1  # the budget, or half of what waits
+
+
 def test_a_lone_request_runs_here_on_every_core(model_path):
     llm = two_workers(model_path)
     torch.set_num_threads(2)

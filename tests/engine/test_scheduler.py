@@ -241,3 +241,23 @@ def test_only_the_first_window_requests_are_considered():
 def test_window_of_one_is_fifo():
     scheduler, _ = make_scheduler(random_lengths(3, n=30), max_num_batched_tokens=10_000, max_num_seqs=8, window=1)
     assert [ids(b) for b in drain(scheduler)] == [[i] for i in range(30)]
+
+
+def test_waiting_tokens_follow_adds_batches_and_aborts():
+    scheduler, _ = make_scheduler([10, 20, 30, 40], max_num_batched_tokens=60, max_num_seqs=8)
+    assert scheduler.waiting_tokens == 100
+    batch = scheduler.schedule()
+    assert scheduler.waiting_tokens == 100 - sum(r.num_tokens for r in batch)
+    scheduler.abort({r.request_id for r in scheduler.waiting if r.num_tokens == 40})
+    assert scheduler.waiting_tokens == sum(r.num_tokens for r in scheduler.waiting)
+    while scheduler.schedule():
+        pass
+    assert scheduler.waiting_tokens == 0
+
+
+def test_a_smaller_budget_holds_for_one_batch_only():
+    scheduler, _ = make_scheduler([10] * 10, max_num_batched_tokens=60, max_num_seqs=16)
+    assert len(scheduler.schedule(max_tokens=25)) == 2
+    assert len(scheduler.schedule(max_tokens=5)) == 1  # one request always fits
+    assert len(scheduler.schedule(max_tokens=1000)) == 6  # never above max_num_batched_tokens
+    assert len(scheduler.schedule()) == 1

@@ -153,7 +153,7 @@ class AsyncEngine:
         if not cpu.can_start():
             return [], None
         batch = self.core.schedule()
-        return batch, cpu.take(alone=not self.core.scheduler.num_waiting) if batch else None
+        return batch, cpu.take(alone=len(batch) == 1 and not self.core.scheduler.num_waiting) if batch else None
 
     def _give_back(self, threads: int) -> None:
         assert self.core.cpu is not None

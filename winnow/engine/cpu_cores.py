@@ -5,12 +5,16 @@ any other thread (the server's event loop, the tokenizer, another process) takes
 member, the others wait. With several workers, each runs whole batches on its own share of the
 cores, so a worker that loses its core stalls only itself, and two small batches keep two cores
 busier than one batch split across both. Measured on 2 cores (docs/benchmarks.md): all-MiniLM-L6-v2
-behind ``winnow serve`` 106-114 -> 138-139 items/s, offline MiniLM-shape classifier 174 -> 191 seq/s.
+behind ``winnow serve`` 115 -> 138 items/s, offline MiniLM-shape classifier 165 -> 184 seq/s.
 
-A batch that is the only work (nothing else waiting, no other worker running) takes every core, so a
-lone request is as fast as with one worker. Otherwise a batch gets ``cores // workers`` threads, and
-a worker starts a batch only when that many cores are free. The caller serialises every call (it
-holds the engine's lock); the threads are set in the worker's own thread (``use_threads``).
+A lone request (a batch of one, nothing else waiting, no other worker running) takes every core, so
+it is as fast as with one worker. Any other batch gets ``cores // workers`` threads, and a worker
+starts a batch only when that many cores are free. Only a batch of one: a server under load often
+empties its queue into each batch while more requests arrive, and a batch holding every core then
+makes them wait for it (measured: served MiniLM back at ~110 items/s, the one-worker figure).
+
+The caller serialises every call (it holds the engine's lock); the threads are set in the worker's
+own thread (``use_threads``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class CpuCores:
         return self.free >= self.share
 
     def take(self, *, alone: bool) -> int:
-        """Threads for the batch about to start; ``alone``: nothing else waits to run."""
+        """Threads for the batch about to start; ``alone``: it is one request and nothing else waits."""
         threads = self.cores if alone and self.free == self.cores else self.share
         self.free -= threads
         return threads
