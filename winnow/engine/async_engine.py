@@ -153,7 +153,12 @@ class AsyncEngine:
         if not cpu.can_start():
             return [], None
         batch = self.core.schedule()
-        return batch, cpu.take(alone=len(batch) == 1 and not self.core.scheduler.num_waiting) if batch else None
+        if not batch:
+            return [], None
+        left = self.core.scheduler.num_waiting
+        if left:
+            self._cond.notify()  # one submission may hold several batches: wake another worker for the rest
+        return batch, cpu.take(alone=len(batch) == 1 and not left)
 
     def _give_back(self, threads: int) -> None:
         assert self.core.cpu is not None
