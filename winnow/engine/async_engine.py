@@ -51,7 +51,7 @@ class AsyncEngine:
             thread.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop taking work, finish every request already submitted, then stop the loop thread."""
+        """Stop taking work, finish every request already submitted, then stop the loop threads."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -104,7 +104,7 @@ class AsyncEngine:
             for rid in ids:
                 self._pending.pop(rid, None)
 
-    # -- the loop thread -----------------------------------------------------------------------
+    # -- the loop threads ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         # Where the runner overlaps (GPU), batch N+1 is launched before batch N is collected.

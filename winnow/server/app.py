@@ -31,7 +31,7 @@ def create_app(state: ServerState, *, on_fatal: Callable[[], None] | None = None
         try:
             yield
         finally:
-            await state.shutdown()  # in-flight requests already finished; stop the engine thread
+            await state.shutdown()  # in-flight requests already finished; stop the engine loop threads
             loading.cancel()
 
     docs = state.settings.enable_docs

@@ -71,7 +71,7 @@ _TABLE: dict[type[BaseException], tuple[int, str]] = {
     InvalidInputError: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
     ConfigError: (HTTPStatus.BAD_REQUEST, "BadRequestError"),
     EngineOverloadedError: (HTTPStatus.TOO_MANY_REQUESTS, "TooManyRequestsError"),
-    # The engine thread died: a bug (vLLM answers 500 too); /health turns 503 so the server gets replaced.
+    # An engine loop thread died: a bug (vLLM answers 500 too); /health turns 503 so the server gets replaced.
     EngineDeadError: (HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"),
     ModelLoadError: (HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
 }

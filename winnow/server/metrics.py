@@ -39,7 +39,8 @@ class Metrics:
         self.in_flight = Gauge("winnow_requests_in_flight", "HTTP inference requests being served.", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
-        """Called by the engine thread after every batch (prometheus_client is thread-safe)."""
+        """Called by an engine loop thread after every batch, by several at once with CPU workers
+        (prometheus_client is thread-safe)."""
         self.batch_size.observe(stats.num_seqs)
         self.batch_tokens.observe(stats.num_tokens)
         self.padding_fraction.observe(stats.padding_fraction)

@@ -17,8 +17,8 @@ from winnow.server.state import ServerState
 
 class FastJSONResponse(JSONResponse):
     """JSON rendered by pydantic-core (Rust): 0.4 ms instead of 4.9 ms (``json.dumps``) for 16
-    embeddings of 384 floats. The event loop holds the GIL while it renders, and the engine thread
-    needs the GIL between operators, so rendering time is taken from the forward pass too."""
+    embeddings of 384 floats. The event loop holds the GIL while it renders, and the engine threads
+    need the GIL between operators, so rendering time is taken from the forward passes too."""
 
     def render(self, content: Any) -> bytes:
         return pydantic_core.to_json(content)

@@ -74,7 +74,7 @@ class ServerState:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def load(self, on_fatal: Callable[[], None] | None = None) -> None:
-        """Load weights, warm up, start the engine thread. Runs off the event loop."""
+        """Load weights, warm up, start the engine loop threads. Runs off the event loop."""
         try:
             engine = await asyncio.to_thread(load_engine, self.config, self.inputs, on_step=self.metrics.observe_step)
             await asyncio.to_thread(engine.core.warmup)
