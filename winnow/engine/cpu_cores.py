@@ -5,7 +5,7 @@ any other thread (the server's event loop, the tokenizer, another process) takes
 member, the others wait. With several workers, each runs whole batches on its own share of the
 cores, so a worker that loses its core stalls only itself, and two small batches keep two cores
 busier than one batch split across both. Measured on 2 cores (docs/benchmarks.md): all-MiniLM-L6-v2
-behind ``winnow serve`` 115 -> 138 items/s, offline MiniLM-shape classifier 165 -> 184 seq/s.
+behind ``winnow serve`` 115 -> 138 items/s; offline 1.16x (MiniLM shape), 1.06x (bert-base shapes).
 
 A lone request (a batch of one, nothing else waiting, no other worker running) takes every core, so
 it is as fast as with one worker. Any other batch gets ``cores // workers`` threads, and a worker
