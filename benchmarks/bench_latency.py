@@ -30,20 +30,16 @@ import os
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers loads: torch and ORT own the cores
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_offline as offline
 import bench_suite as suite
 
 SINGLE_SYSTEMS = [name for name, info in suite.SYSTEMS.items() if info.single]
@@ -116,24 +112,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.cores = offline.core_count()
-    torch.set_num_threads(args.cores)
-    env = suite.environment(args.cores)
-    reports = []
-    with tempfile.TemporaryDirectory(prefix="winnow-latency-") as tmp:
-        args.root = args.cache_dir or Path(tmp)
-        args.root.mkdir(parents=True, exist_ok=True)
-        for name in args.models:
-            spec = suite.SUITE_MODELS[name]
-            reports.append(bench_model(spec, suite.build_folder(spec, args.root), args))
-            print_report(reports[-1])
-    env["loadavg_end"] = offline.load_average()
-    print(f"\nload average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}")
-    if args.json:
-        args.json.write_text(json.dumps({**env, "rounds": args.rounds, "reports": reports}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return suite.run_per_model(parse_args(argv), bench_model, print_report, "winnow-latency-")
 
 
 if __name__ == "__main__":

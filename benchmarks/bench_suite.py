@@ -650,6 +650,35 @@ def print_table(reports: list[dict[str, Any]], repeats: int) -> None:
 # -- command line -------------------------------------------------------------------------------
 
 
+def run_per_model(
+    args: argparse.Namespace,
+    bench_model: Callable[[offline.ModelSpec, Path, argparse.Namespace], dict[str, Any]],
+    print_report: Callable[[dict[str, Any]], None],
+    prefix: str,
+) -> int:
+    """The per-model loop of the single-purpose scripts (bench_latency, bench_workers): torch on every
+    core, model folders under ``--cache-dir`` (or a temp dir), one report per model printed as it
+    ends, the load average, and ``--json`` with the environment, ``args.rounds`` and the reports.
+    Sets ``args.cores`` and ``args.root`` for ``bench_model``."""
+    args.cores = offline.core_count()
+    torch.set_num_threads(args.cores)
+    env = environment(args.cores)
+    reports = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        args.root = args.cache_dir or Path(tmp)
+        args.root.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            spec = SUITE_MODELS[name]
+            reports.append(bench_model(spec, build_folder(spec, args.root), args))
+            print_report(reports[-1])
+    env["loadavg_end"] = offline.load_average()
+    print(f"\nload average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}")
+    if args.json:
+        args.json.write_text(json.dumps({**env, "rounds": args.rounds, "reports": reports}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def parse_list(value: str, choices: Sequence[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
     picked = [v.strip() for v in value.split(",") if v.strip()]
     unknown = sorted(set(picked) - set(choices))

@@ -25,16 +25,12 @@ import os
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers loads: torch owns the cores
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_offline as offline
@@ -114,24 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    cores = offline.core_count()
-    torch.set_num_threads(cores)
-    env = suite.environment(cores)
-    reports = []
-    with tempfile.TemporaryDirectory(prefix="winnow-workers-") as tmp:
-        root = args.cache_dir or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        for name in args.models:
-            spec = suite.SUITE_MODELS[name]
-            reports.append(bench_model(spec, suite.build_folder(spec, root), args))
-            print_report(reports[-1])
-    env["loadavg_end"] = offline.load_average()
-    print(f"\nload average (1/5/15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}")
-    if args.json:
-        args.json.write_text(json.dumps({**env, "rounds": args.rounds, "reports": reports}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return suite.run_per_model(parse_args(argv), bench_model, print_report, "winnow-workers-")
 
 
 if __name__ == "__main__":
