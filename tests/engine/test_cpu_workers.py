@@ -40,12 +40,14 @@ TEXTS = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (7 * i) % 30)) 
 def test_a_lone_batch_takes_every_core_and_busy_workers_share_them():
     cores = CpuCores(cores=4, workers=2)
     assert (cores.share, cores.free) == (2, 4)
-    assert cores.take(alone=True) == 4  # nothing else to run: all of them
+    assert cores.take(1, 0) == 4  # one lone request: all of them
     assert not cores.can_start()
     cores.give_back(4)
-    first = cores.take(alone=False)  # more work waits: a share
+    assert cores.take(5, 0) == 2  # a batch that emptied the queue is not a lone request: a share
+    cores.give_back(2)
+    first = cores.take(1, 3)  # more work waits: a share
     assert (first, cores.free, cores.can_start()) == (2, 2, True)
-    assert cores.take(alone=True) == 2  # alone in the queue, but another worker runs: still a share
+    assert cores.take(1, 0) == 2  # alone in the queue, but another worker runs: still a share
     assert not cores.can_start()
     cores.give_back(2)
     cores.give_back(2)

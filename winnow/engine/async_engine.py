@@ -158,7 +158,7 @@ class AsyncEngine:
         left = self.core.scheduler.num_waiting
         if left:
             self._cond.notify()  # one submission may hold several batches: wake another worker for the rest
-        return batch, cpu.take(alone=len(batch) == 1 and not left)
+        return batch, cpu.take(len(batch), left)
 
     def _give_back(self, threads: int) -> None:
         assert self.core.cpu is not None

@@ -134,6 +134,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         token_to_id=tokenizers.token_to_id,
         trust_remote_code=args.trust_remote_code,
     )
+    cores = torch.get_num_threads()  # the threads this process gives torch: what the CPU workers share
     max_num_batched_tokens = _batched_tokens(args.max_num_batched_tokens, model_config.max_model_len, device)
     config = EngineConfig(
         model=model_config,
@@ -146,8 +147,8 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         quantization=quantization,
         # No batch holds more than the token budget: larger buckets would never replay.
         cuda_graph_max_tokens=min(_cuda_graph_tokens(args.cuda_graph_max_tokens, device), max_num_batched_tokens),
-        cpu_workers=_cpu_workers(args.cpu_workers, device, torch.get_num_threads(), native=entry.is_native),
-        cpu_cores=torch.get_num_threads(),
+        cpu_workers=_cpu_workers(args.cpu_workers, device, cores, native=entry.is_native),
+        cpu_cores=cores,
     )
     inputs = InputProcessor(
         tokenizers,

@@ -34,9 +34,10 @@ class CpuCores:
     def can_start(self) -> bool:
         return self.free >= self.share
 
-    def take(self, *, alone: bool) -> int:
-        """Threads for the batch about to start; ``alone``: it is one request and nothing else waits."""
-        threads = self.cores if alone and self.free == self.cores else self.share
+    def take(self, num_requests: int, num_waiting: int) -> int:
+        """Threads for a batch of ``num_requests`` about to start, ``num_waiting`` requests left queued."""
+        lone = num_requests == 1 and num_waiting == 0 and self.free == self.cores
+        threads = self.cores if lone else self.share
         self.free -= threads
         return threads
 

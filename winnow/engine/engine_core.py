@@ -138,7 +138,7 @@ class EngineCore:
             # batch on one core while the other core idles (bert-base pairs: 0.81x one worker).
             share = -(-self.scheduler.waiting_tokens // cpu.workers)
             requests = self.scheduler.schedule(max_tokens=share)
-            return requests, cpu.take(alone=len(requests) == 1 and not self.scheduler.num_waiting)
+            return requests, cpu.take(len(requests), self.scheduler.num_waiting)
 
         def work(batch: tuple[list[Request], int] | None) -> None:
             try:
