@@ -10,6 +10,8 @@ Methodology
   task embed); the others are random-weight ``BertForSequenceClassification`` folders built by
   ``bench_offline.build_model_folder`` with the shapes of MiniLM-L6 / bert-base: ``*-ce`` have 1
   label (cross-encoders: /rerank and /classify), ``*-cls`` have 2 labels (/classify only).
+  ``tiny-cls`` (one layer of width 64) makes the forward nearly free, so its numbers are the
+  server's own cost per request.
 * Workload: ``--num-items`` texts from ``bench_offline.make_workload`` (seeded, token counts with
   [CLS]/[SEP] log-uniform in [8, 256]) using the model's tokenizer. Requests take the next
   ``--batch`` texts of that list in turn (cycling), so every run sends the same sequence of texts:
@@ -32,7 +34,8 @@ Methodology
   forward time per batch, and the engine's busy share (forward seconds / window seconds).
 * CPU: the load generator runs on the same machine as the server. The client's and the server's CPU
   seconds inside the window are printed (Linux ``/proc``), so it is visible how much of the cores the
-  client took from the server.
+  client took from the server; so is the CPU time of the server's main thread (uvicorn's event loop:
+  HTTP, routing, validation, rendering) per request completed in the window.
 * Offline reference: after the server has stopped (so the two never share the cores), the same
   script loads ``winnow.LLM(<same model>, device=--device)`` with the same ``--max-num-batched-tokens``
   / ``--max-num-seqs`` / ``--cpu-workers`` (and the same default dtype as the server: bfloat16 on CPUs with bf16
@@ -131,6 +134,9 @@ SERVE_MODELS: dict[str, ServeModel] = {
     "bert-base-cls": ServeModel(
         "bert-base-cls", dataclasses.replace(MODELS["bert-base"], name="bert-base-cls"), ("classify",)
     ),
+    # One layer of width 64: the forward costs next to nothing, so what is measured is the server's
+    # own work per request (HTTP, routing, validation, tokenization, hand-offs, rendering).
+    "tiny-cls": ServeModel("tiny-cls", ModelSpec("tiny-cls", 64, 1, 2, 128), ("classify",)),
 }
 DEFAULT_MODEL_FOR = {"embed": "default", "rerank": "minilm-ce", "classify": "minilm-cls"}
 
@@ -161,6 +167,7 @@ class Window:
     metrics_after: dict[str, float] = dataclasses.field(default_factory=dict)
     client_cpu_s: float | None = None
     server_cpu_s: float | None = None
+    event_loop_cpu_s: float | None = None  # the server's main thread: uvicorn's event loop
 
     @property
     def seconds(self) -> float:
@@ -249,10 +256,12 @@ def running_server(model_arg: str | None, args: argparse.Namespace, log: Path) -
         print(f"server stopped {how}")
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads) from /proc; None where /proc is missing."""
+def process_cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """utime + stime of a process (all its threads), or of one of its threads, from /proc; None where
+    /proc is missing."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -417,16 +426,18 @@ async def run_load(
             print(f"warm-up {args.warmup:g}s with {args.concurrency} clients ...")
             await asyncio.sleep(args.warmup)
             window.start = time.perf_counter()
-            cpu0 = (time.process_time(), process_cpu_seconds(server_pid))
+            cpu0 = (time.process_time(), process_cpu_seconds(server_pid), process_cpu_seconds(server_pid, server_pid))
             window.metrics_before = await scrape_metrics(admin)
             print(f"measuring {args.duration:g}s ...")
             await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
             window.end = time.perf_counter()
-            cpu1 = (time.process_time(), process_cpu_seconds(server_pid))
+            cpu1 = (time.process_time(), process_cpu_seconds(server_pid), process_cpu_seconds(server_pid, server_pid))
             window.metrics_after = await scrape_metrics(admin)
             window.client_cpu_s = cpu1[0] - cpu0[0]
             if cpu0[1] is not None and cpu1[1] is not None:
                 window.server_cpu_s = cpu1[1] - cpu0[1]
+            if cpu0[2] is not None and cpu1[2] is not None:
+                window.event_loop_cpu_s = cpu1[2] - cpu0[2]
             _, pending = await asyncio.wait(tasks, timeout=args.request_timeout)
             if pending:
                 print(f"{len(pending)} clients still waiting {args.request_timeout:g}s after the window; cancelling")
@@ -477,6 +488,10 @@ def served_stats(records: list[Record], window: Window) -> dict[str, Any]:
         else {"status": first_error.status, "body": (first_error.error or "")[:ERROR_BODY_CHARS]},
         "client_cpu_s": window.client_cpu_s,
         "server_cpu_s": window.server_cpu_s,
+        "event_loop_cpu_s": window.event_loop_cpu_s,
+        "event_loop_cpu_ms_per_request": None
+        if window.event_loop_cpu_s is None or not measured
+        else 1e3 * window.event_loop_cpu_s / len(measured),
     }
 
 
@@ -623,6 +638,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("mean forward time ms/batch", fmt(srv["mean_forward_ms"]), "-"),
         ("engine busy fraction", fmt(srv["engine_busy_fraction"], ".2f"), "-"),
         ("CPU s in window (client/server)", f"{fmt(s['client_cpu_s'])}/{fmt(s['server_cpu_s'])}", "-"),
+        ("event loop CPU ms per request", fmt(s["event_loop_cpu_ms_per_request"], ".3f"), "-"),
     ]
     print(f"{'':<32} {'served':>16} {'offline':>10}")
     for name, served, offline in rows:
