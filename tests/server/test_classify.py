@@ -120,6 +120,22 @@ def test_request_id_header_and_field(classifier):
     assert both.json()["id"] == "classify-h"
 
 
+def test_generated_ids_are_unique_hex(classifier):
+    ids = [classifier.ok("/classify", {"input": "hi"})["id"] for _ in range(20)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        prefix, _, token = rid.partition("-")
+        assert prefix == "classify" and len(token) == 32 and int(token, 16) >= 0  # like uuid4().hex
+
+
+def test_label_is_the_first_most_probable(classifier):
+    body = classifier.ok("/classify", {"input": TEXTS})
+    id2label = classifier.state.model_config.id2label
+    for row in body["data"]:
+        probs = row["probs"]
+        assert row["label"] == id2label[probs.index(max(probs))]
+
+
 def test_unknown_fields_are_ignored(classifier):
     body = classifier.ok("/classify", {"input": "hi", "user": "me", "encoding_format": "float", "whatever": [1]})
     assert len(body["data"]) == 1

@@ -16,7 +16,6 @@ from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.params import PoolingParams, check_task
 from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
 from winnow.server.serving import FastJSONResponse, get_state, list_body, prompts_of, tokenize_body, truncation_of
-from winnow.server.state import response_id
 
 router = APIRouter(tags=["pooling"])
 embeddings_router = APIRouter(tags=["embeddings"])
@@ -49,7 +48,7 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         prompts = await tokenize_body(state, body)
         outputs = await state.run(http, prompts, [params] * len(prompts))
     rid, created, model = (
-        response_id("pooling", http, body.request_id),
+        state.response_id("pooling", http, body.request_id),
         int(time.time()),
         body.model or state.served_name,
     )
@@ -92,7 +91,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONRespo
     ]
     return FastJSONResponse(
         {
-            "id": response_id("embd", http, body.request_id),
+            "id": state.response_id("embd", http, body.request_id),
             "object": "list",
             "created": int(time.time()),
             "model": body.model or state.served_name,

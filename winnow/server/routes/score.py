@@ -17,7 +17,7 @@ from winnow.inputs.scoring import ScorePlan, parse_score_side, plan_scores
 from winnow.params import PoolingParams
 from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, _ScoreOptions
 from winnow.server.serving import FastJSONResponse, get_state, list_body, truncation_of
-from winnow.server.state import ServerState, response_id
+from winnow.server.state import ServerState
 
 router = APIRouter(tags=["scoring"])
 
@@ -30,7 +30,7 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> FastJSONResponse:
     queries, documents = body.sides()
     scores, plan = await _run_scores(state, http, body, queries, documents)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
-    rid, model = response_id("score", http, body.request_id), body.model or state.served_name
+    rid, model = state.response_id("score", http, body.request_id), body.model or state.served_name
     return FastJSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
 
 
@@ -64,7 +64,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
     num_tokens = plan.num_usage_tokens
     return FastJSONResponse(
         {
-            "id": response_id("score", http, body.request_id),
+            "id": state.response_id("score", http, body.request_id),
             "model": body.model or state.served_name,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
             "results": results,
