@@ -13,7 +13,8 @@ Methodology
   vocabulary words, log-uniform 8-256 tokens), ``--num-prompts`` of them.
 * Reference: sentence-transformers' ``encode`` in float32 (the checkpoint's own pipeline).
 * Systems: winnow ``LLM(...).embed`` in float32, in ``dtype="auto"`` (bfloat16 on a CPU with bf16
-  instructions) and with ``quantization="int8"``; ONNX Runtime on the bare encoder exported,
+  instructions), with ``quantization="int8"`` (bfloat16 activations on such a CPU) and with
+  ``quantization="int8", dtype="float32"`` (float32 activations); ONNX Runtime on the bare encoder exported,
   BERT-fused and dynamically quantized as the suite does (``baselines_onnx``), mean-pooled and
   normalized in numpy, in length-sorted batches of 32 and one text at a time. ONNX Runtime
   quantizes activations with one scale per tensor, so its batched and one-at-a-time embeddings
@@ -100,6 +101,8 @@ def build_systems(folder: Path, root: Path, cores: int) -> dict[str, Embedder]:
         "winnow-fp32": winnow_embedder(LLM(str(folder), device="cpu", dtype="float32")),
         "winnow-default": winnow_embedder(LLM(str(folder), device="cpu")),
         "winnow-int8": winnow_embedder(LLM(str(folder), device="cpu", quantization="int8")),
+        # float32 activations between the int8 GEMMs (the auto default before the seventh session)
+        "winnow-int8-fp32": winnow_embedder(LLM(str(folder), device="cpu", quantization="int8", dtype="float32")),
     }
     for precision, path in (("fp32", onnx.fp32), ("int8", onnx.int8)):
         session = baselines_onnx.make_session(path, cores)

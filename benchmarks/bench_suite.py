@@ -22,7 +22,8 @@ Methodology
   hf-sorted's: max |diff| <= 1e-3 for fp32 systems, 0.02 for bf16/int8 ones):
   winnow (``LLM(folder, device="cpu", dtype="float32").classify`` / ``.score``), winnow-bf16 (only
   on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-int8
-  (``quantization="int8"``), winnow-single / winnow-bf16-single / winnow-int8-single (one prompt
+  (``quantization="int8"``: bfloat16 activations on bf16 CPUs, float32 elsewhere), winnow-int8-fp32
+  (``quantization="int8", dtype="float32"``), winnow-single / winnow-bf16-single / winnow-int8-single (one prompt
   per call);
   hf-sorted / hf-arrival (``bench_offline``'s hand-tuned transformers loops: SDPA, ``inference_mode``,
   tokenized once and sorted by length / batched in arrival order, batches of 32; hf-sorted-bf16 is
@@ -129,6 +130,7 @@ SYSTEMS: dict[str, SystemInfo] = {
     "winnow": SystemInfo(),
     "winnow-bf16": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-int8": SystemInfo(LOW_PRECISION_ATOL),
+    "winnow-int8-fp32": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-single": SystemInfo(single=True),
     "winnow-bf16-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "winnow-int8-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
@@ -318,6 +320,7 @@ WINNOW_VARIANTS: dict[str, dict[str, str]] = {
     "winnow": {"dtype": "float32"},  # auto is bfloat16 on CPUs with bf16 instructions: that is winnow-bf16
     "winnow-bf16": {"dtype": "bfloat16"},
     "winnow-int8": {"quantization": "int8"},
+    "winnow-int8-fp32": {"quantization": "int8", "dtype": "float32"},  # float32 activations between the int8 GEMMs
 }
 
 

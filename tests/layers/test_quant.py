@@ -110,6 +110,39 @@ def test_int8_models_run_attention_projections_in_bf16_where_the_cpu_has_it(make
     assert model.classifier.weight.dtype == torch.float32  # the head stays in the head dtype
 
 
+def test_int8_follows_auto_dtype_for_the_activations(make_model, monkeypatch):
+    """``dtype="auto"`` means the same with int8: bfloat16 activations on a CPU that auto sends to
+    bfloat16 (the feed-forward GEMMs in int8, the other linears in bf16, the head in float32)."""
+    import winnow.config
+
+    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", lambda: torch.bfloat16)
+    llm = LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", quantization="int8")
+    assert llm.model_config.dtype == torch.bfloat16
+    model = llm.engine.core.runner.model
+    layer = model.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate.dense, Int8Linear)
+    assert model.classifier.weight.dtype == torch.float32
+    if cpu_has_fast(torch.bfloat16):
+        assert isinstance(layer.attention.self.qkv_proj, PackedLinear)
+        assert layer.attention.self.qkv_proj.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
+def test_bf16_activations_probabilities_within_gate(family, make_model, make_llm):
+    """What ``dtype="auto"`` runs with int8 on a CPU with bf16 instructions, against float32."""
+    path = make_model(family, "seq", num_labels=3)
+    _assert_probs_close(make_llm(path, quantization="int8", dtype="bfloat16"), make_llm(path), PROMPTS)
+
+
+@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
+def test_batched_equals_single_prompts_under_int8_with_bf16_activations(make_model, make_llm):
+    llm = make_llm(make_model("bert", "seq", num_labels=3), quantization="int8", dtype="bfloat16")
+    batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
+    single = [llm.classify([p], use_tqdm=False)[0].outputs.probs for p in PROMPTS]
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=0)
+
+
 def test_gpu_and_unsupported_models_are_refused():
     with pytest.raises(ConfigError, match="CPU path"):
         quantize_int8(nn.Linear(2, 2), (r".*",), torch.device("cuda"))

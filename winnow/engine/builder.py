@@ -124,8 +124,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         hf_config,
         entry,
         pooler_config=pooler_config,
-        # int8 is applied to a float32 model (the runner puts the remaining linears in bf16 itself).
-        dtype="float32" if quantization and args.dtype == "auto" else args.dtype,
+        dtype=args.dtype,
         device=device,
         max_model_len=args.max_model_len,
         tokenizer_max_length=getattr(hf_tokenizer, "model_max_length", None),

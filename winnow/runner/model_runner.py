@@ -81,7 +81,8 @@ class ModelRunner:
         self.device = device
         self.model = model if model is not None else load_model(config, device)
         if quantization == "int8":
-            # int8 already trades exactness for speed: bf16 GEMMs for the rest where the CPU has them.
+            # int8 already trades exactness for speed: bf16 GEMMs for the rest where the CPU has them
+            # (a bfloat16 model has them anyway; this covers int8 with dtype="float32").
             fast_bf16 = config.dtype == torch.float32 and device.type == "cpu" and cpu_has_fast(torch.bfloat16)
             quantize_int8(
                 self.model,
