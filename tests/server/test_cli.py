@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -104,9 +105,15 @@ def sigterm_run(clis):
     """SIGTERM while 4 large requests are in flight: (responses, their finish times, SIGTERM time, exit code)."""
     server = clis["shutdown"].wait_ready()
     finished: list[float] = [0.0] * NUM_CLIENTS
+    # The clients connect first and send together: a client whose thread started late must not
+    # find the first one's request already answered.
+    start = threading.Barrier(NUM_CLIENTS)
 
     def client(i: int) -> httpx.Response:
-        response = httpx.post(f"{server.url}/classify", json={"input": _client_prompts(i)}, timeout=TIMEOUT * 2)
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT * 2) as http:
+            http.get("/health")  # connected
+            start.wait(TIMEOUT)
+            response = http.post("/classify", json={"input": _client_prompts(i)})
         finished[i] = time.monotonic()
         return response
 
