@@ -127,22 +127,6 @@ def test_int8_follows_auto_dtype_for_the_activations(make_model, monkeypatch):
         assert layer.attention.self.qkv_proj.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
-def test_bf16_activations_probabilities_within_gate(family, make_model, make_llm):
-    """What ``dtype="auto"`` runs with int8 on a CPU with bf16 instructions, against float32."""
-    path = make_model(family, "seq", num_labels=3)
-    _assert_probs_close(make_llm(path, quantization="int8", dtype="bfloat16"), make_llm(path), PROMPTS)
-
-
-@pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="this CPU has no bf16 matrix instructions")
-def test_batched_equals_single_prompts_under_int8_with_bf16_activations(make_model, make_llm):
-    llm = make_llm(make_model("bert", "seq", num_labels=3), quantization="int8", dtype="bfloat16")
-    batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
-    single = [llm.classify([p], use_tqdm=False)[0].outputs.probs for p in PROMPTS]
-    torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=0)
-
-
 def test_gpu_and_unsupported_models_are_refused():
     with pytest.raises(ConfigError, match="CPU path"):
         quantize_int8(nn.Linear(2, 2), (r".*",), torch.device("cuda"))
@@ -161,6 +145,15 @@ def test_gpt2_has_no_int8_path(tmp_path):
         LLM(str(path), device="cpu", quantization="int8")
 
 
+_ACTIVATIONS = [
+    "float32",
+    pytest.param(
+        "bfloat16",  # what dtype="auto" runs with int8 on a CPU with bf16 instructions
+        marks=pytest.mark.skipif(not cpu_has_fast(torch.bfloat16), reason="no bf16 matrix instructions"),
+    ),
+]
+
+
 def _assert_probs_close(llm_int8: LLM, llm_fp32: LLM, prompts: list[str]) -> None:
     got = torch.tensor([o.outputs.probs for o in llm_int8.classify(prompts, use_tqdm=False)])
     want = torch.tensor([o.outputs.probs for o in llm_fp32.classify(prompts, use_tqdm=False)])
@@ -170,10 +163,11 @@ def _assert_probs_close(llm_int8: LLM, llm_fp32: LLM, prompts: list[str]) -> Non
     assert not torch.equal(got, want), "int8 must actually change the computation"
 
 
+@pytest.mark.parametrize("dtype", _ACTIVATIONS)
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
-def test_bert_family_probabilities_within_gate(family, make_model, make_llm):
+def test_bert_family_probabilities_within_gate(family, dtype, make_model, make_llm):
     path = make_model(family, "seq", num_labels=3)
-    _assert_probs_close(make_llm(path, quantization="int8"), make_llm(path), PROMPTS)
+    _assert_probs_close(make_llm(path, quantization="int8", dtype=dtype), make_llm(path), PROMPTS)
 
 
 def _build(family: str, root: Path) -> Path:
@@ -187,19 +181,21 @@ def _build(family: str, root: Path) -> Path:
     return build_decoder(root / family, family, "seq")
 
 
+@pytest.mark.parametrize("dtype", _ACTIVATIONS)
 @pytest.mark.parametrize("family", ["deberta-v2", "modernbert", "qwen3"])
-def test_other_families_probabilities_within_gate(family, tmp_path):
+def test_other_families_probabilities_within_gate(family, dtype, tmp_path):
     path = _build(family, tmp_path)
     fp32 = LLM(str(path), device="cpu")
-    int8 = LLM(str(path), device="cpu", quantization="int8")
+    int8 = LLM(str(path), device="cpu", quantization="int8", dtype=dtype)
     converted = [n for n, m in int8.engine.core.runner.model.named_modules() if isinstance(m, Int8Linear)]
     assert converted, "no layer was converted"
     _assert_probs_close(int8, fp32, PROMPTS)
 
 
-def test_batched_equals_single_prompts_under_int8(make_model, make_llm):
+@pytest.mark.parametrize("dtype", _ACTIVATIONS)
+def test_batched_equals_single_prompts_under_int8(dtype, make_model, make_llm):
     """Per-token activation scales: a prompt's result does not depend on its batch neighbours."""
-    llm = make_llm(make_model("bert", "seq", num_labels=3), quantization="int8")
+    llm = make_llm(make_model("bert", "seq", num_labels=3), quantization="int8", dtype=dtype)
     batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
     single = [llm.classify([p], use_tqdm=False)[0].outputs.probs for p in PROMPTS]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=0)
