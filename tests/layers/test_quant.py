@@ -49,7 +49,7 @@ def test_activation_scale_is_per_token():
 def test_no_bias_and_half_inputs_keep_their_dtype():
     linear = nn.Linear(16, 8, bias=False)
     layer = Int8Linear(linear)
-    assert layer.bias is None
+    assert torch.equal(layer.bias, torch.zeros(8))  # a zero bias: one kernel variant for every layer
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
 
@@ -199,6 +199,24 @@ def test_batched_equals_single_prompts_under_int8(dtype, make_model, make_llm):
     batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
     single = [llm.classify([p], use_tqdm=False)[0].outputs.probs for p in PROMPTS]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-6, rtol=0)
+
+
+def test_the_compiled_kernel_has_few_variants(make_model, tmp_path):
+    """dynamo keeps at most 8 compilations of a function per process, then runs it eagerly. Models
+    with and without biases, lone and batched requests (one-row batches are their own variant),
+    float32 and bfloat16 activations, one and two torch threads (two CPU workers; Inductor's
+    kernels are compiled for a thread count), all in one process, must stay within it."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    models = [make_model("bert", "seq", num_labels=3), build_decoder(tmp_path / "qwen3", "qwen3", "seq")]
+    dtypes = ["float32", "bfloat16"] if cpu_has_fast(torch.bfloat16) else ["float32"]
+    for path in models:
+        for dtype in dtypes:
+            llm = LLM(str(path), device="cpu", quantization="int8", dtype=dtype)
+            llm.classify(PROMPTS[0], use_tqdm=False)
+            llm.classify(PROMPTS, use_tqdm=False)
+    variants = len(_debug_get_cache_entry_list(int8_linear.__code__))
+    assert 0 < variants <= 4 * len(dtypes) <= 8  # dtypes x {1, 2} threads x {1, more} rows
 
 
 def test_warmup_leaves_nothing_to_compile_for_a_lone_request(make_model):
