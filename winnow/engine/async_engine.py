@@ -92,6 +92,8 @@ class AsyncEngine:
                 self.core.add_request(request)
             self._cond.notify()
         try:
+            if len(futures) == 1:  # most server requests: no gathering future and callbacks
+                return [await futures[0]]
             return list(await asyncio.gather(*futures))
         except BaseException:
             self.abort([r.request_id for r in requests])
