@@ -159,7 +159,7 @@ class ServerState:
 
     async def off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Tokenization and other CPU work run in a worker thread, never on the event loop
-        (``server/offload.py``: measured 10 % more requests/s than ``asyncio.to_thread`` when the
+        (``server/offload.py``: measured ~9 % more requests/s than ``asyncio.to_thread`` when the
         server's own work is the limit, ``bench_serve.py --model tiny-cls``)."""
         if self._offload is None:
             self._offload = Offload()
