@@ -18,7 +18,7 @@ import pytest
 
 from winnow.errors import InvalidInputError
 from winnow.server import offload as offload_module
-from winnow.server.offload import Offload
+from winnow.server.offload import Offload, default_workers
 
 TIMEOUT = 10.0  # seconds; only a bound for waits that should end at once
 _T = TypeVar("_T")
@@ -164,3 +164,7 @@ def test_shutdown_finishes_queued_jobs_and_refuses_new_ones():
 def test_workers_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         Offload(workers=0)
+
+
+def test_default_workers_grow_with_the_machine():
+    assert [default_workers(c) for c in (None, 1, 2, 4, 8, 16, 64)] == [2, 2, 2, 2, 4, 8, 8]

@@ -17,6 +17,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+
+# Tokenizing one request occupies a worker for its whole length (the Rust tokenizer runs each call on
+# one thread in a server, TOKENIZERS_PARALLELISM=false), so a larger machine gets more workers, or
+# big requests would queue behind each other: half the cores, from 2 to 8.
+MIN_WORKERS, MAX_WORKERS = 2, 8
+
+
+def default_workers(cores: int | None) -> int:
+    return max(MIN_WORKERS, min(MAX_WORKERS, (cores or MIN_WORKERS) // 2))
+
+
 _Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 _Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
 

@@ -12,6 +12,7 @@ import functools
 import gc
 import hmac
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -30,7 +31,7 @@ from winnow.inputs.prompts import InputProcessor, TokenizedPrompt
 from winnow.params import PoolingParams
 from winnow.server.errors import ClientDisconnectedError, ModelNotFoundError, NotReadyError, TooManyRequestsError
 from winnow.server.metrics import Metrics
-from winnow.server.offload import Offload
+from winnow.server.offload import Offload, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ServerState:
         (``server/offload.py``: measured ~9 % more requests/s than ``asyncio.to_thread`` when the
         server's own work is the limit, ``bench_serve.py --model tiny-cls``)."""
         if self._offload is None:
-            self._offload = Offload()
+            self._offload = Offload(workers=default_workers(os.cpu_count()))
         return await self._offload.run(functools.partial(fn, *args))
 
     def new_id(self) -> str:
