@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from winnow.layers.attention import (
     AttentionSpec,
+    fused_qkv_attention,
     packed_attention,
     uses_varlen,
     varlen_attention,
@@ -91,3 +92,19 @@ def test_only_half_precision_cuda_layers_flash_supports_go_varlen():
     assert not varlen_eligible("cuda", torch.bfloat16, AttentionSpec(num_heads=2, head_dim=12))
     assert not varlen_eligible("cuda", torch.bfloat16, AttentionSpec(num_heads=2, head_dim=512))
     assert not uses_varlen(torch.zeros(3, 128, dtype=torch.bfloat16), spec)  # a CPU tensor
+
+
+@pytest.mark.parametrize("lengths", [[17], [6, 6, 6], [1]])
+def test_unpadded_fused_qkv_equals_the_reference(lengths):
+    """One group without padding (a lone request, or sequences of one length) reads q, k and v as
+    views of the fused projection; every sequence must still attend only to itself."""
+    batch = build_batch([[0] * n for n in lengths], [None] * len(lengths), torch.device("cpu"))
+    assert len(batch.attn_groups) == 1 and batch.attn_groups[0].pad_index is None
+    heads, dim = 4, 8
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch.num_tokens, 3 * heads * dim, generator=gen)
+    q, k, v = (t.unflatten(-1, (heads, dim)) for t in qkv.split(heads * dim, dim=1))  # [tokens, heads, dim]
+    want = reference_varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen)
+    got = fused_qkv_attention(qkv, batch, heads)
+    assert got.shape == (batch.num_tokens, heads * dim)
+    torch.testing.assert_close(got, want.flatten(1), atol=1e-5, rtol=0)

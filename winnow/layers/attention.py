@@ -64,8 +64,23 @@ def packed_attention(
 def fused_qkv_attention(qkv: torch.Tensor, batch: Batch, num_heads: int) -> torch.Tensor:
     """Bidirectional multi-head attention from one fused projection ``[num_tokens, 3 * hidden]``."""
     hidden = qkv.shape[1] // 3
+    spec = AttentionSpec(num_heads=num_heads, head_dim=hidden // num_heads)
+    groups = batch.attn_groups
+    if len(groups) == 1 and groups[0].pad_index is None and not uses_varlen(qkv, spec):
+        return _unpadded_qkv_attention(qkv, groups[0], spec)
     q, k, v = qkv.split(hidden, dim=1)  # views, no copy
-    return packed_attention(q, k, v, batch, AttentionSpec(num_heads=num_heads, head_dim=hidden // num_heads))
+    return packed_attention(q, k, v, batch, spec)
+
+
+def _unpadded_qkv_attention(qkv: torch.Tensor, group: AttentionGroup, spec: AttentionSpec) -> torch.Tensor:
+    """One group of equal-length sequences (a lone request, most often): the fused projection is
+    already the grid, so q, k and v are three views of it. Three view ops instead of the general
+    path's dozen: 32 against 50 us per layer for one 17-token sequence (MiniLM shape, bf16)."""
+    heads, dim = spec.num_heads, spec.head_dim
+    # [num_seqs * max_len, 3 * heads * dim] -> 3 x [num_seqs, heads, max_len, dim]
+    q, k, v = qkv.view(group.num_seqs, group.max_len, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, scale=spec.scale)
+    return out.transpose(1, 2).reshape(qkv.shape[0], heads * dim)  # [num_tokens, heads * dim]
 
 
 # A CUDA graph's batch has no host-side attention groups (runner/cuda_graphs.py).
