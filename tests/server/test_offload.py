@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from winnow.engine import async_engine
 from winnow.errors import InvalidInputError
-from winnow.server import offload as offload_module
 from winnow.server.offload import Offload, default_workers
 
 TIMEOUT = 10.0  # seconds; only a bound for waits that should end at once
@@ -83,7 +83,7 @@ def test_jobs_finished_together_wake_the_event_loop_once():
 
         def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
             nonlocal wakeups
-            wakeups += callback is offload_module._resolve
+            wakeups += callback is async_engine._resolve
             return original(callback, *args, **kwargs)
 
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]

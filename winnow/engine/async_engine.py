@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -138,7 +139,7 @@ class AsyncEngine:
         with self._cond:
             pending, self._pending = self._pending, {}
         for future, loop in pending.values():
-            _hand_back(loop, [(future, error)])
+            hand_back(loop, [(future, error)])
 
     def _ready(self, in_flight: _Launch | None) -> bool:
         """Whether this loop thread has something to do (called under the lock)."""
@@ -196,18 +197,20 @@ class AsyncEngine:
                 future, loop = waiter
                 by_loop.setdefault(loop, []).append((future, output))
         for loop, results in by_loop.items():
-            _hand_back(loop, results)
+            hand_back(loop, results)
 
 
-def _hand_back(loop: asyncio.AbstractEventLoop, results: list[tuple[asyncio.Future[torch.Tensor], _Output]]) -> None:
-    """Deliver results on their clients' event loop; a client whose loop has closed is simply gone."""
+def hand_back(loop: asyncio.AbstractEventLoop, results: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
+    """From any thread: settle each future with its output (an exception instance is raised in the
+    awaiting coroutine), in one wake-up of their event loop. A loop that has closed has nobody
+    waiting. Also used by the server's offload workers (server/offload.py)."""
     with contextlib.suppress(RuntimeError):  # "Event loop is closed"
         loop.call_soon_threadsafe(_resolve, results)
 
 
-def _resolve(results: list[tuple[asyncio.Future[torch.Tensor], _Output]]) -> None:
+def _resolve(results: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, output in results:
-        if future.done():
+        if future.done():  # cancelled: the client went away
             continue
         if isinstance(output, BaseException):
             future.set_exception(output)

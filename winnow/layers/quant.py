@@ -79,10 +79,9 @@ def _check_same(fn: Int8LinearFn) -> None:
     """Run ``fn`` as the runner will (inference mode, float32) and compare with the eager ops."""
     gen = torch.Generator().manual_seed(0)
     weight_scale, bias = torch.rand(16, generator=gen), torch.randn(16, generator=gen)
+    qweight = torch.randint(-127, 128, (16, 24), dtype=torch.int8, generator=gen)
     with torch.inference_mode():  # the runner's activations are inference tensors: compile that variant
         x = torch.randn(5, 24, generator=gen)
-    qweight = torch.randint(-127, 128, (16, 24), dtype=torch.int8, generator=gen)
-    with torch.inference_mode():
         torch.testing.assert_close(fn(x, qweight, weight_scale, bias), int8_linear(x, qweight, weight_scale, bias))
 
 

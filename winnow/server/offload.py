@@ -11,10 +11,11 @@ hold up the small ones behind it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from winnow.engine.async_engine import hand_back
 
 _T = TypeVar("_T")
 
@@ -29,7 +30,6 @@ def default_workers(cores: int | None) -> int:
 
 
 _Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
-_Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 class Offload:
@@ -44,7 +44,8 @@ class Offload:
             thread.start()
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        """``fn()`` in a worker thread; its result or exception, as if awaited here."""
+        """``fn()`` in a worker thread; its result or exception, as if awaited here (``fn`` returns
+        no exception instances: those are raised)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         with self._cond:
@@ -70,25 +71,14 @@ class Offload:
                 if not self._jobs:
                     return  # stopping, nothing left
                 jobs, self._jobs = self._jobs, []
-            by_loop: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
             for fn, future, loop in jobs:
                 if future.cancelled():  # the request is gone (client disconnected)
                     continue
                 try:
-                    result: _Result = (future, fn(), None)
-                except BaseException as exc:  # handed to the awaiting coroutine, as to_thread would
-                    result = (future, None, exc)
-                by_loop.setdefault(loop, []).append(result)
+                    output = fn()
+                except BaseException as exc:  # raised in the awaiting coroutine, as to_thread would
+                    output = exc
+                by_loop.setdefault(loop, []).append((future, output))
             for loop, results in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # "Event loop is closed": nobody is waiting
-                    loop.call_soon_threadsafe(_resolve, results)
-
-
-def _resolve(results: list[_Result]) -> None:
-    for future, value, exc in results:
-        if future.done():
-            continue
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
+                hand_back(loop, results)
