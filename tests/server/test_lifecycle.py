@@ -30,7 +30,7 @@ from tests.server.conftest import (
     wait_until,
 )
 from tests.tiny_models import PROMPTS
-from winnow.server.state import ServerState
+from winnow.server.state import GC_YOUNG_THRESHOLD, ServerState
 
 
 class HeldLoad(ServerState):
@@ -73,6 +73,21 @@ def test_loading_freezes_what_lives_as_long_as_the_server(classifier_path):
     with serving(state, classifier_path) as live:
         assert live.get("/health").status_code == 200
         assert gc.get_freeze_count() > 10_000
+
+
+def test_loading_makes_young_gc_passes_rare(classifier_path):
+    """A busy server's many live request objects would start a young-generation pass (GIL held)
+    every 700 net allocations; after loading the threshold is ``GC_YOUNG_THRESHOLD``, the older
+    generations' thresholds unchanged."""
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    try:
+        state = make_state(classifier_path)
+        with serving(state, classifier_path) as live:
+            assert live.get("/health").status_code == 200
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_failed_load_answers_503(classifier_path, tmp_path):

@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# Young-generation GC passes start after this many more container objects were allocated than
+# freed (Python's default: 700). A request's objects die by reference counting, but the ones alive
+# at once in a busy server crossed 700 again and again: 1,408 passes holding the GIL, 0.46 s in a
+# 12 s tiny-cls bench_serve run (~40 us per request, every thread stalled meanwhile); at 50,000,
+# none in that run. Cyclic garbage is still collected, once this many objects have accumulated.
+GC_YOUNG_THRESHOLD = 50_000
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
@@ -97,6 +104,7 @@ class ServerState:
         # for ~200 ms while holding the GIL, twice in a 23 s bench_serve run, stalling the engine.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         async_engine = AsyncEngine(engine.core)
         async_engine.start()
         self.engine = async_engine
