@@ -54,6 +54,17 @@ def test_a_lone_batch_takes_every_core_and_busy_workers_share_them():
     assert cores.free == 4
 
 
+def test_only_the_wide_worker_takes_every_core():
+    """libgomp keeps an OpenMP team per thread that ran on several cores; two teams in the process
+    stop every team spinning between operators, so one worker runs every lone batch."""
+    cores = CpuCores(cores=4, workers=2)
+    assert cores.lone(1, 0) and not cores.lone(2, 0) and not cores.lone(1, 1)
+    assert cores.take(1, 0, wide=False) == 2  # lone, but not the wide worker: a share
+    assert not cores.lone(1, 0)  # another worker runs
+    cores.give_back(2)
+    assert cores.take(1, 0, wide=True) == 4
+
+
 def test_more_workers_than_cores_get_one_thread_each():
     assert CpuCores(cores=3, workers=2).share == 1
     assert CpuCores(cores=2, workers=2).share == 1
@@ -108,6 +119,7 @@ class LaunchLog:
 
     def __init__(self, llm: LLM) -> None:
         self.runs: list[tuple[int, int, int]] = []  # (thread id, torch threads, sequences)
+        self.names: dict[int, str] = {}  # thread id -> thread name
         self.lock = threading.Lock()
         runner = llm.engine.core.runner
         launch = runner.launch
@@ -115,6 +127,7 @@ class LaunchLog:
         def logged(requests):
             with self.lock:
                 self.runs.append((threading.get_ident(), torch.get_num_threads(), len(requests)))
+                self.names[threading.get_ident()] = threading.current_thread().name
             return launch(requests)
 
         runner.launch = logged
@@ -146,6 +159,8 @@ def test_batches_run_on_both_workers_with_a_share_of_the_cores(model_path):
     assert len({thread for thread, _, _ in log.runs}) == 2
     assert {threads for _, threads, _ in log.runs} <= {1, 2}
     assert 1 in {threads for _, threads, _ in log.runs}  # side by side: one core each
+    here = threading.get_ident()
+    assert all(threads == 1 for thread, threads, _ in log.runs if thread != here)  # the helper is never wide
     assert llm.engine.core.cpu.free == 2  # every core given back
 
 
@@ -243,3 +258,55 @@ def test_the_server_runs_a_loop_thread_per_worker(model_path, make_llm):
     assert not any(t.is_alive() for t in served._threads)
     assert engine.core.cpu.free == 2
     torch.testing.assert_close(torch.stack([r[0] for r in results]), expected, atol=ATOL, rtol=0)
+
+
+def test_the_servers_lone_requests_run_on_the_first_loop_thread_with_every_core(model_path):
+    """Whichever loop thread wakes first, a lone request (every worker idle) runs on loop thread 0
+    on both cores, and the other loop thread never runs on more than its share: one OpenMP team in
+    the process (CpuCores)."""
+    engine = build_engine(EngineArgs(model=str(model_path), device="cpu", dtype="float32", cpu_workers=1))
+    engine.core.cpu = CpuCores(cores=2, workers=2)
+    served = AsyncEngine(engine.core)
+    runner, launch, runs = engine.core.runner, engine.core.runner.launch, []
+
+    def logged(requests):
+        runs.append((threading.current_thread().name, torch.get_num_threads(), len(requests)))
+        return launch(requests)
+
+    runner.launch = logged
+    params = PoolingParams().with_task("classify")
+    prompt = engine.inputs.process(parse_prompts([PROMPTS[0]]), TruncationOptions())[0]
+
+    async def one_at_a_time() -> None:
+        for i in range(12):
+            await served.run([Request(f"lone-{i}", prompt, params)])
+
+    async def together() -> None:
+        await asyncio.gather(*(served.run([Request(f"many-{i}", prompt, params)]) for i in range(24)))
+
+    served.start()
+    try:
+        asyncio.run(asyncio.wait_for(one_at_a_time(), TIMEOUT))
+        assert runs == [("winnow-engine-0", 2, 1)] * 12
+        asyncio.run(asyncio.wait_for(together(), TIMEOUT))
+    finally:
+        served.shutdown(timeout=TIMEOUT)
+    assert all(threads == 1 for name, threads, _ in runs if name != "winnow-engine-0")
+    assert engine.core.cpu.free == 2
+
+
+def test_only_the_first_loop_thread_is_ready_for_a_lone_request(model_path):
+    """The rule behind the test above, without the OS's choice of which thread wakes first."""
+    engine = build_engine(EngineArgs(model=str(model_path), device="cpu", dtype="float32", cpu_workers=1))
+    engine.core.cpu = CpuCores(cores=2, workers=2)
+    served = AsyncEngine(engine.core)  # not started: nothing takes the requests added below
+    params = PoolingParams().with_task("classify")
+    prompt = engine.inputs.process(parse_prompts([PROMPTS[0]]), TruncationOptions())[0]
+    engine.core.add_request(Request("a", prompt, params))
+    assert served._ready(None, 0) and not served._ready(None, 1)  # lone: loop thread 0's
+    batch, threads = served._next_batch(wide=False)  # had another thread taken it: a share of the cores
+    assert ([r.request_id for r in batch], threads) == (["a"], 1)
+    engine.core.cpu.give_back(threads)
+    for rid in "bc":
+        engine.core.add_request(Request(rid, prompt, params))
+    assert served._ready(None, 0) and served._ready(None, 1)  # two waiting: anyone's

@@ -30,6 +30,7 @@ from tests.server.conftest import (
     wait_until,
 )
 from tests.tiny_models import PROMPTS
+from winnow.engine.builder import load_engine
 from winnow.server.state import GC_YOUNG_THRESHOLD, ServerState
 
 
@@ -73,6 +74,25 @@ def test_loading_freezes_what_lives_as_long_as_the_server(classifier_path):
     with serving(state, classifier_path) as live:
         assert live.get("/health").status_code == 200
         assert gc.get_freeze_count() > 10_000
+
+
+def test_loading_runs_in_a_thread_that_ends(classifier_path, monkeypatch):
+    """Loading and warm-up run on every core; libgomp keeps a thread's OpenMP team for the thread's
+    life, so they run in a thread of their own that ends, not in a pooled one that would keep a
+    second team beside the engine's (engine/cpu_cores.py)."""
+    loaded_in: list[threading.Thread] = []
+
+    def recording_load(*args, **kwargs):
+        loaded_in.append(threading.current_thread())
+        return load_engine(*args, **kwargs)
+
+    monkeypatch.setattr("winnow.server.state.load_engine", recording_load)
+    state = make_state(classifier_path)
+    with serving(state, classifier_path) as live:
+        assert live.get("/health").status_code == 200
+        [thread] = loaded_in
+        assert thread is not threading.main_thread()
+        wait_until(lambda: not thread.is_alive(), "the thread that loaded the model to end")
 
 
 def test_loading_makes_young_gc_passes_rare(classifier_path):

@@ -42,7 +42,8 @@ class AsyncEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self._threads = [
-            threading.Thread(target=self._loop, name=f"winnow-engine-{i}", daemon=True) for i in range(core.workers)
+            threading.Thread(target=self._loop, args=(i,), name=f"winnow-engine-{i}", daemon=True)
+            for i in range(core.workers)
         ]
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -91,7 +92,11 @@ class AsyncEngine:
             for request, future in zip(requests, futures):
                 self._pending[request.request_id] = (future, loop)
                 self.core.add_request(request)
-            self._cond.notify()
+            cpu = self.core.cpu
+            if cpu is not None and cpu.free == cpu.cores:
+                self._cond.notify_all()  # every worker idle: a lone request is the wide worker's (_ready)
+            else:
+                self._cond.notify()
         try:
             if len(futures) == 1:  # most server requests: no gathering future and callbacks
                 return [await futures[0]]
@@ -109,15 +114,17 @@ class AsyncEngine:
 
     # -- the loop threads ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, index: int) -> None:
+        """Loop thread ``index``; thread 0 is the CPU's wide worker (``CpuCores``: the only one that
+        runs a lone request on every core)."""
         # Where the runner overlaps (GPU), batch N+1 is launched before batch N is collected.
         in_flight: _Launch | None = None
         try:
             while True:
                 with self._cond:
-                    while not self._ready(in_flight):
+                    while not self._ready(in_flight, index):
                         self._cond.wait()
-                    batch, threads = self._next_batch()
+                    batch, threads = self._next_batch(wide=index == 0)
                 if not batch and in_flight is None:
                     if self._stopping and not self.core.scheduler.num_waiting:
                         return  # stopping and drained
@@ -141,15 +148,19 @@ class AsyncEngine:
         for future, loop in pending.values():
             hand_back(loop, [(future, error)])
 
-    def _ready(self, in_flight: _Launch | None) -> bool:
-        """Whether this loop thread has something to do (called under the lock)."""
+    def _ready(self, in_flight: _Launch | None, index: int) -> bool:
+        """Whether loop thread ``index`` has something to do (called under the lock)."""
         cpu, waiting = self.core.cpu, self.core.scheduler.num_waiting
-        if in_flight is not None or (waiting and (cpu is None or cpu.can_start())):
+        if in_flight is not None:
             return True
+        if waiting and (cpu is None or cpu.can_start()):
+            # A lone request waits for the wide worker (thread 0), which runs it on every core.
+            return cpu is None or index == 0 or not cpu.lone(waiting, 0)
         return self._stopping and not waiting
 
-    def _next_batch(self) -> tuple[list[Request], int | None]:
-        """The next batch and its torch threads (None on a GPU); empty when the cores are taken."""
+    def _next_batch(self, *, wide: bool) -> tuple[list[Request], int | None]:
+        """The next batch and its torch threads (None on a GPU); empty when the cores are taken.
+        ``wide``: whether this is the worker that runs lone requests on every core."""
         cpu = self.core.cpu
         if cpu is None:
             return self.core.schedule(), None
@@ -161,7 +172,7 @@ class AsyncEngine:
         left = self.core.scheduler.num_waiting
         if left:
             self._cond.notify()  # one submission may hold several batches: wake another worker for the rest
-        return batch, cpu.take(len(batch), left)
+        return batch, cpu.take(len(batch), left, wide=wide)
 
     def _give_back(self, threads: int) -> None:
         assert self.core.cpu is not None

@@ -129,7 +129,7 @@ class EngineCore:
         cpu, cond = self.cpu, threading.Condition()
         errors: list[BaseException] = []
 
-        def next_batch() -> tuple[list[Request], int] | None:  # under ``cond``
+        def next_batch(wide: bool) -> tuple[list[Request], int] | None:  # under ``cond``
             while self.scheduler.num_waiting and not cpu.can_start() and not errors:
                 cond.wait()
             if errors or not self.scheduler.num_waiting:
@@ -138,13 +138,13 @@ class EngineCore:
             # batch on one core while the other core idles (bert-base pairs: 0.81x one worker).
             share = -(-self.scheduler.waiting_tokens // cpu.workers)
             requests = self.scheduler.schedule(max_tokens=share)
-            return requests, cpu.take(len(requests), self.scheduler.num_waiting)
+            return requests, cpu.take(len(requests), self.scheduler.num_waiting, wide=wide)
 
-        def work(batch: tuple[list[Request], int] | None) -> None:
+        def work(batch: tuple[list[Request], int] | None, wide: bool) -> None:
             try:
                 if batch is None:
                     with cond:
-                        batch = next_batch()
+                        batch = next_batch(wide)
                 while batch is not None:
                     requests, threads = batch
                     try:
@@ -155,23 +155,24 @@ class EngineCore:
                             cond.notify_all()
                     with cond:
                         on_finished(list(zip(requests, outputs)))
-                        batch = next_batch()
+                        batch = next_batch(wide)
             except BaseException as e:  # Ctrl-C in this thread, or a failed batch in any
                 with cond:
                     errors.append(e)
                     cond.notify_all()
 
         threads_before = torch.get_num_threads()
+        # This thread is the wide worker (CpuCores): the helpers never run a batch on every core.
         with cond:
-            first = next_batch()
+            first = next_batch(wide=True)
         # The other workers join only if work is left: a lone request runs here, as with ``step``.
         helpers = []
         if self.scheduler.num_waiting:
             if self._helpers is None:
                 self._helpers = concurrent.futures.ThreadPoolExecutor(cpu.workers - 1, "winnow-worker")
-            helpers = [self._helpers.submit(work, None) for _ in range(cpu.workers - 1)]
+            helpers = [self._helpers.submit(work, None, False) for _ in range(cpu.workers - 1)]
         try:
-            work(first)
+            work(first, True)
         finally:
             concurrent.futures.wait(helpers)
             use_threads(threads_before)

@@ -8,6 +8,7 @@ answer 503 until the engine is loaded and warmed up.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import gc
 import hmac
@@ -25,7 +26,7 @@ from fastapi import Request as HTTPRequest
 
 from winnow.config import ModelConfig
 from winnow.engine.async_engine import AsyncEngine
-from winnow.engine.builder import EngineConfig, load_engine
+from winnow.engine.builder import Engine, EngineConfig, load_engine
 from winnow.engine.request import Request
 from winnow.inputs.prompts import InputProcessor, TokenizedPrompt
 from winnow.params import PoolingParams
@@ -91,8 +92,7 @@ class ServerState:
     async def load(self, on_fatal: Callable[[], None] | None = None) -> None:
         """Load weights, warm up, start the engine loop threads. Runs off the event loop."""
         try:
-            engine = await asyncio.to_thread(load_engine, self.config, self.inputs, on_step=self.metrics.observe_step)
-            await asyncio.to_thread(engine.core.warmup)
+            engine = await _in_own_thread(self._load_and_warm_up)
         except Exception as e:
             logger.exception("Loading the model failed")
             self.load_error = e
@@ -109,6 +109,11 @@ class ServerState:
         async_engine.start()
         self.engine = async_engine
         logger.info("Model loaded and warmed up; ready to serve.")
+
+    def _load_and_warm_up(self) -> Engine:
+        engine = load_engine(self.config, self.inputs, on_step=self.metrics.observe_step)
+        engine.core.warmup()
+        return engine
 
     async def shutdown(self) -> None:
         self.shutting_down = True
@@ -189,6 +194,19 @@ class ServerState:
         batch_id = self.new_id()
         requests = [Request(f"{batch_id}-{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
         return await _until_disconnected(http, engine.run(requests))
+
+
+async def _in_own_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` in a thread that ends with it. Loading and warm-up run torch operators on every core,
+    and libgomp keeps such a thread's OpenMP team for the thread's life: in a pooled thread
+    (``asyncio.to_thread``) that team would outlive the start-up, and with the engine's own, the
+    process would hold more OpenMP threads than cores, which slows every lone request
+    (engine/cpu_cores.py)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, "winnow-load")
+    try:
+        return await asyncio.wrap_future(pool.submit(fn))
+    finally:
+        pool.shutdown(wait=False)  # the thread exits once ``fn`` returns
 
 
 async def _until_disconnected(http: HTTPRequest, work: Coroutine[Any, Any, _T]) -> _T:
