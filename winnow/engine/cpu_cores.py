@@ -18,7 +18,7 @@ keeps a team of threads for each thread that ran a parallel operator, for that t
 once the process holds more OpenMP threads than cores it throttles every team's spin between
 operators (to none under ``OMP_WAIT_POLICY=PASSIVE``, what ``winnow serve`` sets): each operator
 then pays a futex wake-up. Measured on 2 cores: a lone all-MiniLM-L6-v2 request behind
-``winnow serve`` took 12.0-13.0 ms of forward with more teams than that, 8.6-9.5 ms with one.
+``winnow serve`` took 12.0-13.0 ms of forward while the process held several teams, 8.6-9.5 ms with one.
 
 The caller serialises every call (it holds the engine's lock); the threads are set in the worker's
 own thread (``use_threads``).
