@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from winnow.layers.attention import (
     AttentionSpec,
+    _varlen_kernel,
     fused_qkv_attention,
     packed_attention,
     uses_varlen,
@@ -28,8 +29,21 @@ LENGTHS = [1, 5, 17, 9, 33, 2]
 
 
 def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """``varlen_attn`` as documented: key j is visible from query i when i - left <= j <= i + right
-    (a bound of -1 is unbounded); sequences are the ``cu_seq`` slices; GQA shares kv heads."""
+    """``varlen_attn`` as documented in torch 2.13: key j is visible from query i when
+    i - left <= j <= i + right (a bound of -1 is unbounded); sequences are the ``cu_seq`` slices;
+    fewer key/value heads than query heads only with ``enable_gqa``, each serving a run of query heads."""
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError("torch 2.13 refuses grouped-query heads without enable_gqa=True")
+    return _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+
+
+def reference_varlen_attn_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch 2.9-2.11's ``varlen_attn`` (the GPU machine's torch is 2.11): no ``enable_gqa``
+    argument (passing one is a TypeError); grouped-query heads are read from the shapes."""
+    return _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+
+
+def _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size):
     assert cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
     left, right = window_size
     out = torch.empty_like(q)
@@ -43,9 +57,8 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, wind
         if right >= 0:
             visible &= j <= i + right
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, n, dim]
-        if enable_gqa:
-            ks = ks.repeat_interleave(qs.shape[0] // ks.shape[0], dim=0)
-            vs = vs.repeat_interleave(qs.shape[0] // vs.shape[0], dim=0)
+        ks = ks.repeat_interleave(qs.shape[0] // ks.shape[0], dim=0)
+        vs = vs.repeat_interleave(qs.shape[0] // vs.shape[0], dim=0)
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=scale).transpose(0, 1)
     return out
 
@@ -59,9 +72,13 @@ SPECS = {
 }
 
 
+KERNELS = {"torch-2.13": reference_varlen_attn, "torch-2.11": reference_varlen_attn_2_11}
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("group_overhead", [None, 16.0])
-def test_varlen_mapping_equals_the_grid_path(name, group_overhead):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_varlen_mapping_equals_the_grid_path(name, group_overhead, kernel):
     spec = SPECS[name]
     batch = build_batch(
         [[0] * n for n in LENGTHS], [None] * len(LENGTHS), torch.device("cpu"), group_overhead=group_overhead
@@ -70,7 +87,7 @@ def test_varlen_mapping_equals_the_grid_path(name, group_overhead):
     q = torch.randn(batch.num_tokens, spec.num_heads * spec.head_dim, generator=gen)
     k, v = (torch.randn(batch.num_tokens, spec.kv_heads * spec.head_dim, generator=gen) for _ in range(2))
     grid = packed_attention(q, k, v, batch, spec)
-    varlen = varlen_attention(q, k, v, batch, spec, reference_varlen_attn)
+    varlen = varlen_attention(q, k, v, batch, spec, KERNELS[kernel])
     assert varlen.shape == grid.shape == q.shape
     torch.testing.assert_close(varlen, grid, atol=1e-5, rtol=0)
 
@@ -108,3 +125,19 @@ def test_unpadded_fused_qkv_equals_the_reference(lengths):
     got = fused_qkv_attention(qkv, batch, heads)
     assert got.shape == (batch.num_tokens, heads * dim)
     torch.testing.assert_close(got, want.flatten(1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "causal-window", "gqa-scaled"])
+def test_the_installed_torchs_kernel_accepts_the_call(name):
+    """The installed torch's real ``varlen_attn`` takes winnow's arguments: on a CPU it gets as far
+    as the flash kernel's dispatch (which has no CPU implementation) instead of refusing the
+    arguments themselves. ``varlen_attn``'s keywords changed between torch 2.11 and 2.13."""
+    kernel = _varlen_kernel()
+    if kernel is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    spec = SPECS[name]
+    batch = build_batch([[0] * n for n in LENGTHS], [None] * len(LENGTHS), torch.device("cpu"))
+    q = torch.zeros(batch.num_tokens, spec.num_heads * spec.head_dim, dtype=torch.bfloat16)
+    kv = torch.zeros(batch.num_tokens, spec.kv_heads * spec.head_dim, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="_flash_attention_forward"):
+        varlen_attention(q, kv, kv, batch, spec, kernel)

@@ -15,6 +15,7 @@ layer whatever the mix of lengths. Models with their own attention scores (DeBER
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,14 @@ def _varlen_kernel() -> Callable[..., Any] | None:
     return varlen_attn
 
 
+@functools.cache
+def _asks_for_gqa(kernel: Callable[..., Any]) -> bool:
+    """Whether ``kernel`` wants grouped-query attention announced (``enable_gqa=True``, torch 2.13's
+    ``varlen_attn``, which refuses fewer key/value heads without it). torch 2.9-2.11's has no such
+    argument (passing it is a TypeError) and reads the grouping from the shapes, as flash attention does."""
+    return "enable_gqa" in inspect.signature(kernel).parameters
+
+
 def varlen_eligible(device_type: str, dtype: torch.dtype, spec: AttentionSpec) -> bool:
     """Whether a layer fits the variable-length kernel: CUDA, half precision, no soft-capping,
     a head size flash attention supports."""
@@ -140,7 +149,7 @@ def varlen_attention(
         batch.max_seqlen,
         scale=spec.scale,
         window_size=varlen_window(spec),
-        enable_gqa=kv_heads != heads,
+        **({"enable_gqa": True} if kv_heads != heads and _asks_for_gqa(kernel) else {}),
     )
     return out.flatten(1)  # [num_tokens, heads * dim]
 
