@@ -38,7 +38,7 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, wind
 
 
 def reference_varlen_attn_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-    """torch 2.9-2.11's ``varlen_attn`` (the GPU machine's torch is 2.11): no ``enable_gqa``
+    """torch 2.11's ``varlen_attn`` (the GPU machine's torch): no ``enable_gqa``
     argument (passing one is a TypeError); grouped-query heads are read from the shapes."""
     return _reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
 

@@ -105,7 +105,7 @@ def _varlen_kernel() -> Callable[..., Any] | None:
 @functools.cache
 def _asks_for_gqa(kernel: Callable[..., Any]) -> bool:
     """Whether ``kernel`` wants grouped-query attention announced (``enable_gqa=True``, torch 2.13's
-    ``varlen_attn``, which refuses fewer key/value heads without it). torch 2.9-2.11's has no such
+    ``varlen_attn``, which refuses fewer key/value heads without it). torch 2.11's has no such
     argument (passing it is a TypeError) and reads the grouping from the shapes, as flash attention does."""
     return "enable_gqa" in inspect.signature(kernel).parameters
 
