@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tok="${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [--num-prompts N] [--repeats N]}"
 shift
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# TOKENIZERS_PARALLELISM is left to gpu_check.py: on for a GPU run, off for --device cpu.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec python3 benchmarks/gpu_check.py --tokenizer-dir "$tok" "$@"
