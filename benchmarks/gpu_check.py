@@ -52,6 +52,7 @@ from bench_offline import MODELS, build_model_folder, make_workload, pad_batch
 
 from tests.tiny_models import PROMPTS, build_model
 from winnow import LLM, PoolingParams
+from winnow.params import PoolingTask
 
 FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
 DECODER_FAMILIES = ["qwen2", "qwen3", "llama", "gemma", "gemma2", "gpt2"]
@@ -82,14 +83,14 @@ def _parity_cases(root: Path) -> list[tuple[str, str, Path]]:
     return cases
 
 
-def launch_syncs(llm: LLM, task: str) -> int | str:
+def launch_syncs(llm: LLM, task: PoolingTask) -> int | str:
     """Host-device synchronisations inside ``ModelRunner.launch`` for a small mixed batch: each one
     makes the host wait for the batch already running, which undoes the engine's overlap (0 wanted).
     On a CPU only the untimed launch runs (so the smoke test covers this code) and the count is n/a."""
     from winnow.engine.request import Request
     from winnow.inputs.prompts import TokenizedPrompt
 
-    params = llm.model_config.bind_params(PoolingParams(), task)  # type: ignore[arg-type]
+    params = llm.model_config.bind_params(PoolingParams(), task)
     ids = [[2, *range(5, 5 + n), 3] for n in (3, 9, 17)]
     requests = [Request(f"sync-{i}", TokenizedPrompt(token_ids=t), params) for i, t in enumerate(ids)]
     runner = llm.engine.core.runner
@@ -139,7 +140,7 @@ def parity(root: Path, device: str) -> list[str]:
             refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
         for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
             llm = LLM(str(path), device=device, dtype=dtype)
-            task = "classify" if head == "seq" else "token_classify"
+            task: PoolingTask = "classify" if head == "seq" else "token_classify"
             params = raw if dtype == "float32" else None
             outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
             worst = 0.0
