@@ -219,14 +219,17 @@ def test_the_compiled_kernel_has_few_variants(make_model, tmp_path):
     assert 0 < variants <= 4 * len(dtypes) <= 8  # dtypes x {1, 2} threads x {1, more} rows
 
 
-def test_warmup_leaves_nothing_to_compile_for_a_lone_request(make_model):
-    """The last layer of a lone classify request runs one row: warmup compiles that shape up front,
-    so the first real request does not pay a recompilation."""
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="two CPU workers need two torch threads")
+def test_loading_compiles_every_variant_the_workers_run(make_model):
+    """Nothing compiles once the model is loaded: not a lone request (its last layer runs one row),
+    not a batch, not a one-thread batch on a second worker. Compiling while another worker runs a
+    forward is unsafe (quant.compile_variants), so loading compiles them all up front."""
     from torch._dynamo.utils import counters
 
-    llm = LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", quantization="int8", max_model_len=32)
-    llm.engine.core.warmup()
+    torch._dynamo.reset()  # forget what earlier tests compiled: this load must compile its own variants
+    llm = LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", quantization="int8", cpu_workers=2)
     graphs = counters["stats"]["unique_graphs"]
-    llm.classify(PROMPTS[0], use_tqdm=False)
-    llm.classify(PROMPTS[:3], use_tqdm=False)
+    llm.classify(PROMPTS[0], use_tqdm=False)  # a lone request: every core
+    llm.classify(PROMPTS * 8, use_tqdm=False)  # batches side by side: one thread each
+    llm.engine.core.warmup()  # the server's warm-up: the largest batch, then a lone prompt
     assert counters["stats"]["unique_graphs"] == graphs

@@ -164,18 +164,19 @@ def load_engine(
     """Load the weights onto the device and assemble scheduler, runner and core."""
     started = time.perf_counter()
     model_config = config.model
+    cpu = CpuCores(config.cpu_cores, config.cpu_workers) if config.device.type == "cpu" else None
     runner = ModelRunner(
         model_config,
         config.device,
         quantization=config.quantization,
         cuda_graph_max_tokens=config.cuda_graph_max_tokens,
+        cpu_threads=cpu.thread_counts if cpu is not None else (),
     )
     scheduler = Scheduler(
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
         padded_cost=runner.pads_dense_layers,
     )
-    cpu = CpuCores(config.cpu_cores, config.cpu_workers) if config.device.type == "cpu" else None
     logger.info("Loaded %s: %s, in %.1fs", model_config.model, config.describe(), time.perf_counter() - started)
     return Engine(config, inputs, EngineCore(scheduler, runner, cpu=cpu, on_step=on_step))
 

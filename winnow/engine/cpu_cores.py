@@ -38,6 +38,11 @@ class CpuCores:
         self.share = max(1, cores // workers)  # threads per batch when batches run side by side
         self.free = cores
 
+    @property
+    def thread_counts(self) -> tuple[int, ...]:
+        """Every torch thread count a batch may run on: all cores (a lone request) and a share."""
+        return (self.cores, self.share) if self.share != self.cores else (self.cores,)
+
     def can_start(self) -> bool:
         return self.free >= self.share
 

@@ -75,14 +75,46 @@ def compiled_int8_linear() -> Int8LinearFn:
     return compiled
 
 
+def _sample(rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs for ``int8_linear`` as a model passes them (dynamo guards on the difference): the
+    activations [rows, 24] in ``dtype`` an inference tensor, the layer's buffers (16 output
+    channels) ordinary ones."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False):
+        weight_scale, bias = torch.rand(16, generator=gen), torch.randn(16, generator=gen)
+        qweight = torch.randint(-127, 128, (16, 24), dtype=torch.int8, generator=gen)
+    with torch.inference_mode():
+        x = torch.randn(rows, 24, generator=gen).to(dtype)
+    return x, qweight, weight_scale, bias
+
+
 def _check_same(fn: Int8LinearFn) -> None:
     """Run ``fn`` as the runner will (inference mode, float32) and compare with the eager ops."""
-    gen = torch.Generator().manual_seed(0)
-    weight_scale, bias = torch.rand(16, generator=gen), torch.randn(16, generator=gen)
-    qweight = torch.randint(-127, 128, (16, 24), dtype=torch.int8, generator=gen)
-    with torch.inference_mode():  # the runner's activations are inference tensors: compile that variant
-        x = torch.randn(5, 24, generator=gen)
-        torch.testing.assert_close(fn(x, qweight, weight_scale, bias), int8_linear(x, qweight, weight_scale, bias))
+    args = _sample(5, torch.float32)
+    with torch.inference_mode():  # as the runner calls it: compile that variant
+        torch.testing.assert_close(fn(*args), int8_linear(*args))
+
+
+def compile_variants(dtype: torch.dtype, thread_counts: tuple[int, ...]) -> None:
+    """Compile, now, every variant of the int8 kernel that a model with ``dtype`` activations runs
+    on these torch thread counts: dynamo compiles one per activation dtype, thread count and
+    one-row or longer input (``test_the_compiled_kernel_has_few_variants``). Compiling while another
+    thread runs a model is unsafe: the tracer patches ``nn.Module.__call__`` for the whole process,
+    so the other thread's layers enter it and fail (seen with torch 2.6: two CPU workers, the second
+    worker's first one-thread batch compiling beside the first's forward). Here nothing else runs yet."""
+    fn = compiled_int8_linear()
+    if fn is int8_linear:
+        return
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in sorted(set(thread_counts)):
+            torch.set_num_threads(threads)
+            for rows in (1, 2):
+                args = _sample(rows, dtype)
+                with torch.inference_mode():
+                    fn(*args)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 class Int8Linear(nn.Module):

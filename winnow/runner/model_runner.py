@@ -18,7 +18,7 @@ from torch import nn
 
 from winnow.layers.linear import cpu_has_fast, pack_linears
 from winnow.layers.pooling import PooledBatch, Pooler
-from winnow.layers.quant import quantize_int8
+from winnow.layers.quant import compile_variants, quantize_int8
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
 from winnow.runner.batch import Batch, build_batch, group_by_length, take_rows
@@ -76,7 +76,10 @@ class ModelRunner:
         model: nn.Module | None = None,
         quantization: str | None = None,
         cuda_graph_max_tokens: int = 0,
+        cpu_threads: tuple[int, ...] = (),
     ) -> None:
+        """``cpu_threads``: the torch thread counts the engine's CPU workers run batches on
+        (engine/cpu_cores.py); empty: this thread's."""
         self.config = config
         self.device = device
         self.model = model if model is not None else load_model(config, device)
@@ -91,6 +94,7 @@ class ModelRunner:
                 others=torch.bfloat16 if fast_bf16 else None,
                 keep=getattr(self.model, "head_prefixes", ()),
             )
+            compile_variants(config.dtype, cpu_threads or (torch.get_num_threads(),))
         if device.type == "cpu" and config.entry.is_native:
             # Half-precision linears are packed only where the CPU has instructions for them.
             pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
