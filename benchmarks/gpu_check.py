@@ -210,7 +210,9 @@ def bench_model(folder: Path, name: str, num_prompts: int, repeats: int, device:
     # the host's tokenization, which the "host tokenization" row times by itself.
     token_prompts = [{"prompt_token_ids": ids} for ids in tok(texts)["input_ids"]]
     systems["winnow t65536 token ids"] = lambda llm=llm: _winnow_run(llm, token_prompts, device)
-    # The A/B for host/device overlap: the same engine collecting each batch before launching the next.
+    # The A/B for host/device overlap: the same engine collecting each batch before launching the
+    # next, and tokenizing every text before the first (an offline call on a GPU tokenizes the next
+    # chunk while the device runs the batch just launched).
     sequential = LLM(str(folder), device=device, max_num_batched_tokens=65536, max_num_seqs=2048)
     sequential.engine.core.runner.overlaps = False
     systems["winnow t65536 no overlap"] = lambda: _winnow_run(sequential, texts, device)

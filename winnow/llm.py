@@ -1,16 +1,19 @@
 """The offline API, shaped like vLLM's ``LLM``: ``classify``, ``score``, ``encode``, ``embed``.
 
-Prompts are tokenized and validated up front (a bad prompt fails the whole call before any work),
-then submitted to the engine core, which batches them by length under the token budget.
-Outputs come back in input order.
+Prompts are tokenized and validated, then submitted to the engine core, which batches them by
+length under the token budget. Outputs come back in input order; a bad prompt fails the whole call.
+On a CPU every prompt is tokenized before any work (the host is the device: nothing to overlap). On
+a GPU the prompts are tokenized a chunk at a time, while the device runs the batch just launched, so
+a bad prompt fails the call after the prompts before it may have run.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -21,7 +24,7 @@ from winnow.engine.builder import EngineArgs, build_engine
 from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
 from winnow.errors import InvalidInputError
-from winnow.inputs.prompts import TokenizedPrompt, parse_prompts, parse_truncation
+from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_prompts, parse_truncation
 from winnow.inputs.scoring import load_template, parse_score_side, plan_scores
 from winnow.models.files import DEFAULT_MODEL
 from winnow.outputs import (
@@ -63,6 +66,10 @@ _LEGACY_TASKS: dict[str, tuple[str, PoolingTask | None]] = {
 }
 
 UseTqdm = bool | Callable[..., tqdm]
+
+# Prompts tokenized at a time where tokenizing overlaps the device's work (GPU): large enough for the
+# tokenizer's thread pool, small enough that the first batch starts soon.
+_TOKENIZE_CHUNK = 256
 
 
 class LLM:
@@ -164,8 +171,7 @@ class LLM:
             max_model_len=self.model_config.max_model_len,
             truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
         )
-        tokenized = self.engine.inputs.process(parsed, truncation)
-        ids, data = self._run(tokenized, params, use_tqdm)
+        ids, data, tokenized = self._run(self._tokenize(parsed, truncation), params, use_tqdm)
         return [PoolingRequestOutput(rid, PoolingOutput(out), p.token_ids) for rid, out, p in zip(ids, data, tokenized)]
 
     def classify(
@@ -274,7 +280,7 @@ class LLM:
             template_kwargs=chat_template_kwargs,
             pad_token_id=self.get_tokenizer().pad_token_id or 0,
         )
-        ids, outputs = self._run(plan.prompts, [plan.params] * len(plan.prompts), use_tqdm)
+        ids, outputs, _ = self._run([plan.prompts], [plan.params] * len(plan.prompts), use_tqdm)
         scores = plan.scores(outputs)
         pair_ids = ids if plan.pairs is None else [f"{ids[q]}_{ids[d]}" for q, d in plan.pairs]
         return [
@@ -296,14 +302,39 @@ class LLM:
         bound = {id(p): self.model_config.bind_params(p, task) for p in items}  # each distinct object once
         return [bound[id(p)] for p in items]
 
+    def _tokenize(self, prompts: list[Prompt], truncation: TruncationOptions) -> Iterator[list[TokenizedPrompt]]:
+        """The prompts tokenized and validated, in chunks: all in one where the engine does not
+        overlap (CPU), ``_TOKENIZE_CHUNK`` at a time where it does (GPU; see ``_run``)."""
+        size = _TOKENIZE_CHUNK if self.engine.core.overlaps else max(1, len(prompts))
+        for start in range(0, len(prompts), size):
+            yield self.engine.inputs.process(prompts[start : start + size], truncation, offset=start)
+
     def _run(
-        self, prompts: list[TokenizedPrompt], params: list[PoolingParams], use_tqdm: UseTqdm
-    ) -> tuple[list[str], list[torch.Tensor]]:
-        """Submit every prompt, step the engine until all finish; outputs in submission order."""
+        self, chunks: Iterable[list[TokenizedPrompt]], params: list[PoolingParams], use_tqdm: UseTqdm
+    ) -> tuple[list[str], list[torch.Tensor], list[TokenizedPrompt]]:
+        """Submit the prompts (``params[i]`` for the i-th) and step the engine until all finish;
+        request ids, outputs and prompts in submission order.
+
+        Where the engine overlaps (GPU), chunks are taken only while less than one batch waits, and
+        between steps: the host tokenizes the next prompts while the device runs the batch just
+        launched (``step`` returns with it queued), instead of the device idling while every prompt
+        is tokenized first. Elsewhere every chunk is taken before the first step."""
         core = self.engine.core
-        request_ids = [str(next(self._request_counter)) for _ in prompts]
-        for rid, prompt, p in zip(request_ids, prompts, params):
-            core.add_request(Request(rid, prompt, p))
+        pending = iter(chunks)
+        prompts: list[TokenizedPrompt] = []
+        request_ids: list[str] = []
+        ahead = core.scheduler.max_num_batched_tokens if core.overlaps else math.inf
+
+        def submit() -> None:
+            while core.scheduler.waiting_tokens < ahead:
+                chunk = next(pending, None)
+                if chunk is None:
+                    return
+                for prompt in chunk:
+                    request_ids.append(str(next(self._request_counter)))
+                    core.add_request(Request(request_ids[-1], prompt, params[len(prompts)]))
+                    prompts.append(prompt)
+
         results: dict[str, torch.Tensor] = {}
         bar_class = use_tqdm if callable(use_tqdm) else tqdm
         # No bar object at all when it is off: building a disabled one cost a short request ~0.09 ms
@@ -311,7 +342,7 @@ class LLM:
         bar_context = (
             nullcontext(_NoBar())
             if use_tqdm is False
-            else bar_class(total=len(prompts), desc="Processed prompts", unit="prompt", delay=1.0)
+            else bar_class(total=len(params), desc="Processed prompts", unit="prompt", delay=1.0)
         )
         with bar_context as bar:
 
@@ -321,14 +352,16 @@ class LLM:
                 bar.update(len(finished))
 
             try:
+                submit()
                 if core.workers > 1:
                     core.drain(keep)
                 while core.has_unfinished():  # one worker (and a GPU's overlapped last batch)
                     keep(core.step())
+                    submit()
             except BaseException:
                 core.abort_requests(set(request_ids))
                 raise
-        return request_ids, [results[rid] for rid in request_ids]
+        return request_ids, [results[rid] for rid in request_ids], prompts
 
 
 class _NoBar:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import winnow.llm as llm_module
 from tests.engine.test_async_engine import (
     assert_outputs,
     client_prompts,
@@ -23,14 +24,16 @@ from tests.engine.test_async_engine import (
     serving,
 )
 from tests.tiny_models import PROMPTS
-from winnow import LLM
+from winnow import LLM, InvalidInputError
 from winnow.runner.batch import to_device
 
 ATOL = 1e-5
 
 
 def overlapping_llm(path, **kwargs) -> LLM:
-    llm = LLM(str(path), device="cpu", **kwargs)
+    """An engine stepped as on a GPU: one worker (``drain`` would run a CPU's workers instead of
+    ``step``), launching each batch before collecting the previous one."""
+    llm = LLM(str(path), device="cpu", cpu_workers=1, **kwargs)
     llm.engine.core.runner.overlaps = True
     return llm
 
@@ -63,6 +66,81 @@ def test_offline_steps_return_every_batch_once_in_submission_order(classifier, m
         rtol=0,
     )
     assert not llm.engine.core.has_unfinished()
+
+
+class Recorder:
+    """Spies on an engine (the real functions run): the order in which prompts are tokenized and
+    batches launched."""
+
+    def __init__(self, llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, int]] = []
+        process, launch = llm.engine.inputs.process, llm.engine.core.runner.launch
+
+        def tokenize(prompts, options, *, offset=0):
+            self.events.append(("tokenize", len(prompts)))
+            return process(prompts, options, offset=offset)
+
+        def launched(requests):
+            self.events.append(("launch", len(requests)))
+            return launch(requests)
+
+        monkeypatch.setattr(llm.engine.inputs, "process", tokenize)
+        monkeypatch.setattr(llm.engine.core.runner, "launch", launched)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.events if k == kind)
+
+
+def test_prompts_are_tokenized_while_batches_run(classifier, make_llm, monkeypatch):
+    """Where the engine overlaps (GPU), the next prompts are tokenized between launches, not all
+    before the first; results are those of the sequential engine."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    prompts = PROMPTS * 4  # 32 prompts: 8 chunks
+    expected = make_llm(classifier).classify(prompts, use_tqdm=False)
+    llm = overlapping_llm(classifier, max_num_batched_tokens=64, max_model_len=64)
+    recorder = Recorder(llm, monkeypatch)
+    got = llm.classify(prompts, use_tqdm=False)
+    assert recorder.count("tokenize") == 8
+    kinds = [kind for kind, _ in recorder.events]
+    assert 0 < kinds.index("launch") < 8  # some chunks before the first launch, the rest after it
+    assert sum(n for kind, n in recorder.events if kind == "launch") == len(prompts)
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in got]),
+        torch.tensor([o.outputs.probs for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def test_a_bad_prompt_in_a_later_chunk_fails_the_whole_call(classifier, make_llm, monkeypatch):
+    """The call raises with the prompt's index in the caller's list, returns nothing, and leaves
+    nothing queued or in flight: the next call answers only its own prompts."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    llm = overlapping_llm(classifier, max_num_batched_tokens=64, max_model_len=64)
+    recorder = Recorder(llm, monkeypatch)
+    with pytest.raises(InvalidInputError, match="Prompt 21 is empty"):
+        llm.classify(PROMPTS * 2 + PROMPTS[:5] + [""], use_tqdm=False)
+    assert recorder.count("launch") > 0  # the prompts before it had started
+    assert not llm.engine.core.has_unfinished()
+    expected = make_llm(classifier).classify(PROMPTS[:3], use_tqdm=False)
+    got = llm.classify(PROMPTS[:3], use_tqdm=False)
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in got]),
+        torch.tensor([o.outputs.probs for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def test_on_a_cpu_a_bad_prompt_fails_the_call_before_any_work(classifier, monkeypatch):
+    """A CPU engine does not overlap: every prompt is tokenized and checked before the first batch."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    llm = LLM(str(classifier), device="cpu", max_num_batched_tokens=64, max_model_len=64)
+    recorder = Recorder(llm, monkeypatch)
+    with pytest.raises(InvalidInputError, match="Prompt 21 is empty"):
+        llm.classify(PROMPTS * 2 + PROMPTS[:5] + [""], use_tqdm=False)
+    assert recorder.events == [("tokenize", 22)]
 
 
 def test_offline_token_outputs_with_overlap(make_model, make_llm):

@@ -123,13 +123,18 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.lower_case = lower_case  # sentence-transformers do_lower_case
 
-    def process(self, prompts: Sequence[Prompt], options: TruncationOptions) -> list[TokenizedPrompt]:
-        """Tokenize texts (in one batch) and take token-id prompts as given; validate every result."""
+    def process(
+        self, prompts: Sequence[Prompt], options: TruncationOptions, *, offset: int = 0
+    ) -> list[TokenizedPrompt]:
+        """Tokenize texts (in one batch) and take token-id prompts as given; validate every result.
+        ``offset``: the index of ``prompts[0]`` in the caller's list, for error messages."""
         results: list[TokenizedPrompt | None] = [None] * len(prompts)
         text_rows = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         for i, p in enumerate(prompts):
             if not p:
-                raise InvalidInputError(f"Prompt {i} is empty; pass at least one character or token.", param="input")
+                raise InvalidInputError(
+                    f"Prompt {offset + i} is empty; pass at least one character or token.", param="input"
+                )
             if isinstance(p, list):
                 results[i] = TokenizedPrompt(_truncate_ids(p, options))
         texts: list[TextOrPair] = [self.normalize_text(prompts[i]) for i in text_rows]  # type: ignore[arg-type]
@@ -137,7 +142,7 @@ class InputProcessor:
             results[i] = TokenizedPrompt.from_encoding(enc)
         checked = [r for r in results if r is not None]
         for i, r in enumerate(checked):
-            self.check(r, i, truncated=options.max_tokens is not None)
+            self.check(r, offset + i, truncated=options.max_tokens is not None)
         return checked
 
     def encode(self, inputs: Sequence[TextOrPair], options: TruncationOptions) -> list[Encoding]:
