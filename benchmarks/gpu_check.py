@@ -346,19 +346,21 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke test of the script)"
     print(f"torch {torch.__version__}, {name}", flush=True)
     print(f"varlen attention kernel: {'available' if _varlen_kernel() is not None else 'MISSING (padded grid)'}")
-    root = Path(tempfile.mkdtemp(prefix="winnow-gpu-"))
     report: dict[str, Any] = {"bf16_tflops": bf16_matrix_rate(device)}
     print(f"bf16 matrix rate: {report['bf16_tflops']:.1f} TFLOP/s", flush=True)
-    for section, fn in (
-        ("parity", lambda: parity(root, device)),
-        ("throughput", lambda: throughput(root, args.tokenizer_dir, args.num_prompts, args.repeats, device)),
-        ("latency", lambda: latency(root, args.tokenizer_dir, device)),
-    ):
-        try:
-            report[section] = fn()
-        except Exception:  # report and go on to the next section
-            report[section] = traceback.format_exc()
-            print(report[section], flush=True)
+    # The model folders take ~3 GB (Qwen3-0.6B's shape alone 2.4 GB): removed at the end.
+    with tempfile.TemporaryDirectory(prefix="winnow-gpu-") as tmp:
+        root = Path(tmp)
+        for section, fn in (
+            ("parity", lambda: parity(root, device)),
+            ("throughput", lambda: throughput(root, args.tokenizer_dir, args.num_prompts, args.repeats, device)),
+            ("latency", lambda: latency(root, args.tokenizer_dir, device)),
+        ):
+            try:
+                report[section] = fn()
+            except Exception:  # report and go on to the next section
+                report[section] = traceback.format_exc()
+                print(report[section], flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print("\n==== summary ====")
