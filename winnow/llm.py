@@ -9,6 +9,7 @@ a bad prompt fails the call after the prompts before it may have run.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -25,7 +26,7 @@ from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
 from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_prompts, parse_truncation
-from winnow.inputs.scoring import load_template, parse_score_side, plan_scores
+from winnow.inputs.scoring import ScorePlan, load_template, pair_up, parse_score_side, plan_scores
 from winnow.models.files import DEFAULT_MODEL
 from winnow.outputs import (
     ClassificationOutput,
@@ -268,11 +269,11 @@ class LLM:
             max_model_len=self.model_config.max_model_len,
             truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
         )
-        plan = plan_scores(
+        queries, documents = parse_score_side(data_1, "data_1"), parse_score_side(data_2, "data_2")
+        plan_for = functools.partial(
+            plan_scores,
             self.engine.inputs,
             self.model_config,
-            parse_score_side(data_1, "data_1"),
-            parse_score_side(data_2, "data_2"),
             truncation=truncation,
             params=pooling_params or PoolingParams(),
             template=load_template(chat_template),
@@ -280,6 +281,9 @@ class LLM:
             template_kwargs=chat_template_kwargs,
             pad_token_id=self.get_tokenizer().pad_token_id or 0,
         )
+        if self.engine.core.overlaps and self.model_config.score_type == "cross-encoder":
+            return self._score_in_chunks(queries, documents, plan_for, use_tqdm)
+        plan = plan_for(queries, documents)
         ids, outputs, _ = self._run([plan.prompts], [plan.params] * len(plan.prompts), use_tqdm)
         scores = plan.scores(outputs)
         pair_ids = ids if plan.pairs is None else [f"{ids[q]}_{ids[d]}" for q, d in plan.pairs]
@@ -289,6 +293,35 @@ class LLM:
         ]
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _score_in_chunks(
+        self,
+        queries: list[str],
+        documents: list[str],
+        plan_for: Callable[..., ScorePlan],
+        use_tqdm: UseTqdm,
+    ) -> list[ScoringRequestOutput]:
+        """``score`` for a cross-encoder where the engine overlaps (GPU): each pair is its own prompt,
+        so pairs are planned and tokenized ``_TOKENIZE_CHUNK`` at a time, as ``_run`` takes them. The
+        first chunk is planned before any work, so a call the model cannot serve fails at once."""
+        num_pairs = len(pair_up(queries, documents))  # checks the call's shapes over all of it
+        size = _TOKENIZE_CHUNK
+        plans = (
+            plan_for(
+                queries if len(queries) == 1 else queries[start : start + size],
+                documents[start : start + size],
+                offset=start,
+            )
+            for start in range(0, num_pairs, size)
+        )
+        first = next(plans)
+        chunks = itertools.chain([first.prompts], (plan.prompts for plan in plans))
+        ids, outputs, prompts = self._run(chunks, [first.params] * num_pairs, use_tqdm)
+        scores = first.scores(outputs)  # a cross-encoder's score is its prompt's own output
+        return [
+            PoolingRequestOutput(rid, ScoringOutput(score), prompt.token_ids)
+            for rid, score, prompt in zip(ids, scores, prompts)
+        ]
 
     def _bind_params(
         self, given: PoolingParams | Sequence[PoolingParams] | None, task: PoolingTask, n: int

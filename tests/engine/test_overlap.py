@@ -25,6 +25,7 @@ from tests.engine.test_async_engine import (
 )
 from tests.tiny_models import PROMPTS
 from winnow import LLM, InvalidInputError
+from winnow.errors import PromptTooLongError
 from winnow.runner.batch import to_device
 
 ATOL = 1e-5
@@ -69,22 +70,22 @@ def test_offline_steps_return_every_batch_once_in_submission_order(classifier, m
 
 
 class Recorder:
-    """Spies on an engine (the real functions run): the order in which prompts are tokenized and
-    batches launched."""
+    """Spies on an engine (the real functions run): the order in which prompts (or, for scores,
+    pairs: ``InputProcessor.encode``) are tokenized and batches launched."""
 
-    def __init__(self, llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, llm: LLM, monkeypatch: pytest.MonkeyPatch, tokenizer: str = "process") -> None:
         self.events: list[tuple[str, int]] = []
-        process, launch = llm.engine.inputs.process, llm.engine.core.runner.launch
+        tokenize, launch = getattr(llm.engine.inputs, tokenizer), llm.engine.core.runner.launch
 
-        def tokenize(prompts, options, *, offset=0):
+        def tokenized(prompts, *args, **kwargs):
             self.events.append(("tokenize", len(prompts)))
-            return process(prompts, options, offset=offset)
+            return tokenize(prompts, *args, **kwargs)
 
         def launched(requests):
             self.events.append(("launch", len(requests)))
             return launch(requests)
 
-        monkeypatch.setattr(llm.engine.inputs, "process", tokenize)
+        monkeypatch.setattr(llm.engine.inputs, tokenizer, tokenized)
         monkeypatch.setattr(llm.engine.core.runner, "launch", launched)
 
     def count(self, kind: str) -> int:
@@ -141,6 +142,42 @@ def test_on_a_cpu_a_bad_prompt_fails_the_call_before_any_work(classifier, monkey
     with pytest.raises(InvalidInputError, match="Prompt 21 is empty"):
         llm.classify(PROMPTS * 2 + PROMPTS[:5] + [""], use_tqdm=False)
     assert recorder.events == [("tokenize", 22)]
+
+
+@pytest.mark.parametrize("shape", ["1:N", "N:N"])
+def test_cross_encoder_pairs_are_tokenized_while_batches_run(shape, make_model, make_llm, monkeypatch):
+    """Cross-encoder scores are planned a chunk of pairs at a time (each pair is its own prompt);
+    scores, token ids and their order are those of the sequential engine."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    path = make_model("bert", "seq", num_labels=1)
+    documents = PROMPTS * 2  # 16 pairs: 4 chunks
+    queries = PROMPTS[2] if shape == "1:N" else list(reversed(documents))
+    expected = make_llm(path).score(queries, documents, use_tqdm=False)
+    llm = overlapping_llm(path, max_num_batched_tokens=64, max_model_len=64)
+    recorder = Recorder(llm, monkeypatch, tokenizer="encode")
+    got = llm.score(queries, documents, use_tqdm=False)
+    assert recorder.count("tokenize") == 4
+    kinds = [kind for kind, _ in recorder.events]
+    assert 0 < kinds.index("launch") < 4
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.score for o in got]),
+        torch.tensor([o.outputs.score for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def test_a_pair_too_long_in_a_later_chunk_fails_the_whole_score_call(make_model, monkeypatch):
+    """The error names the pair's index in the whole call; a call of the wrong shape fails at once."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    llm = overlapping_llm(make_model("bert", "seq", num_labels=1), max_num_batched_tokens=64, max_model_len=64)
+    documents = [*PROMPTS, " ".join(["word"] * 80)]
+    with pytest.raises(PromptTooLongError, match=r"\(index 8\)"):
+        llm.score(PROMPTS[0], documents, use_tqdm=False)
+    assert not llm.engine.core.has_unfinished()
+    with pytest.raises(InvalidInputError, match="1:1, 1:N or N:N"):  # the call's shape, checked before any work
+        llm.score(PROMPTS[:2], documents, use_tqdm=False)
 
 
 def test_offline_token_outputs_with_overlap(make_model, make_llm):

@@ -116,8 +116,10 @@ def cross_encoder_prompts(
     template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     use_sep_token: bool = True,
+    offset: int = 0,
 ) -> list[TokenizedPrompt]:
-    """Token ids (and token types) the cross-encoder sees for each pair."""
+    """Token ids (and token types) the cross-encoder sees for each pair. ``offset``: the index of
+    ``pairs[0]`` in the caller's list, for error messages."""
     queries = [processor.normalize_text(q) for q, _ in pairs]
     docs = [processor.normalize_text(d) for _, d in pairs]
     queries = cut_to_tokens(processor, queries, max_tokens_per_query)
@@ -130,7 +132,9 @@ def cross_encoder_prompts(
         inputs = [_render(processor, template, q, d, template_kwargs) for q, d in zip(queries, docs)]
         if options.max_tokens is not None:
             # Cut documents, never the template or the query; the fitted texts need no further cutting.
-            inputs = _fit_documents(processor, template, template_kwargs, queries, docs, inputs, options.max_tokens)
+            inputs = _fit_documents(
+                processor, template, template_kwargs, queries, docs, inputs, options.max_tokens, offset
+            )
             options = TruncationOptions(None, options.side, add_special_tokens=True)
     elif use_sep_token:
         inputs = list(zip(queries, docs))
@@ -138,7 +142,7 @@ def cross_encoder_prompts(
         inputs = [q + d for q, d in zip(queries, docs)]
     prompts = [TokenizedPrompt.from_encoding(enc) for enc in processor.encode(inputs, options)]
     for i, p in enumerate(prompts):
-        processor.check(p, i, truncated=options.max_tokens is not None)
+        processor.check(p, offset + i, truncated=options.max_tokens is not None)
     return prompts
 
 
@@ -150,6 +154,7 @@ def _fit_documents(
     docs: list[str],
     rendered: list[TextOrPair],
     limit: int,
+    offset: int,
 ) -> list[TextOrPair]:
     """Template-aware truncation: shorten each over-long pair's document until the rendered prompt fits.
 
@@ -177,7 +182,9 @@ def _fit_documents(
             n = len(processor.encode([fitted[i]], full)[0].ids)
             budget -= max(1, n - limit)
         if n > limit:
-            raise InvalidInputError(f"Pair {i} cannot be fitted into {limit} tokens.", param="truncate_prompt_tokens")
+            raise InvalidInputError(
+                f"Pair {offset + i} cannot be fitted into {limit} tokens.", param="truncate_prompt_tokens"
+            )
     return fitted
 
 
@@ -252,9 +259,12 @@ def plan_scores(
     default_template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     pad_token_id: int = 0,
+    offset: int = 0,
 ) -> ScorePlan:
     """Validate a score call and tokenize what the engine must run for it. ``template`` is the caller's
-    score template; ``default_template`` the engine's (``chat_template`` option), used when none is given."""
+    score template; ``default_template`` the engine's (``chat_template`` option), used when none is given.
+    ``offset``: where these pairs start in the caller's call, when it plans its pairs a chunk at a time
+    (cross-encoders only: each pair is its own prompt)."""
     if config.score_type is None:
         if config.task == "classify":
             raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
@@ -273,6 +283,7 @@ def plan_scores(
             template=template or default_template,
             template_kwargs=template_kwargs,
             use_sep_token=config.use_sep_token,
+            offset=offset,
         )
         return ScorePlan(prompts, config.bind_params(params, "classify"))
     if template is not None:
