@@ -39,6 +39,20 @@ def overlapping_llm(path, **kwargs) -> LLM:
     return llm
 
 
+def assert_same_probs(got, expected) -> None:
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.probs for o in got]),
+        torch.tensor([o.outputs.probs for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+def assert_answers_only_its_own(llm: LLM, reference: LLM) -> None:
+    """After a failed or abandoned call, the next call's results are those of its own prompts."""
+    assert_same_probs(llm.classify(PROMPTS[:3], use_tqdm=False), reference.classify(PROMPTS[:3], use_tqdm=False))
+
+
 @pytest.fixture(scope="module")
 def classifier(make_model):
     return make_model("bert", "seq", num_labels=3)
@@ -60,12 +74,7 @@ def test_offline_steps_return_every_batch_once_in_submission_order(classifier, m
     llm = overlapping_llm(classifier, max_num_seqs=2)
     got = llm.classify(PROMPTS, use_tqdm=False)
     assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
-    torch.testing.assert_close(
-        torch.tensor([o.outputs.probs for o in got]),
-        torch.tensor([o.outputs.probs for o in expected]),
-        atol=ATOL,
-        rtol=0,
-    )
+    assert_same_probs(got, expected)
     assert not llm.engine.core.has_unfinished()
 
 
@@ -106,12 +115,7 @@ def test_prompts_are_tokenized_while_batches_run(classifier, make_llm, monkeypat
     assert 0 < kinds.index("launch") < 8  # some chunks before the first launch, the rest after it
     assert sum(n for kind, n in recorder.events if kind == "launch") == len(prompts)
     assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
-    torch.testing.assert_close(
-        torch.tensor([o.outputs.probs for o in got]),
-        torch.tensor([o.outputs.probs for o in expected]),
-        atol=ATOL,
-        rtol=0,
-    )
+    assert_same_probs(got, expected)
 
 
 def test_a_bad_prompt_in_a_later_chunk_fails_the_whole_call(classifier, make_llm, monkeypatch):
@@ -124,14 +128,7 @@ def test_a_bad_prompt_in_a_later_chunk_fails_the_whole_call(classifier, make_llm
         llm.classify(PROMPTS * 2 + PROMPTS[:5] + [""], use_tqdm=False)
     assert recorder.count("launch") > 0  # the prompts before it had started
     assert not llm.engine.core.has_unfinished()
-    expected = make_llm(classifier).classify(PROMPTS[:3], use_tqdm=False)
-    got = llm.classify(PROMPTS[:3], use_tqdm=False)
-    torch.testing.assert_close(
-        torch.tensor([o.outputs.probs for o in got]),
-        torch.tensor([o.outputs.probs for o in expected]),
-        atol=ATOL,
-        rtol=0,
-    )
+    assert_answers_only_its_own(llm, make_llm(classifier))
 
 
 def test_on_a_cpu_a_bad_prompt_fails_the_call_before_any_work(classifier, monkeypatch):
@@ -211,14 +208,7 @@ def test_an_interrupted_offline_run_leaves_no_batch_behind(classifier, make_llm)
     with pytest.raises(KeyboardInterrupt):
         llm.classify(PROMPTS, use_tqdm=Interrupting)
     assert not llm.engine.core.has_unfinished()
-    expected = make_llm(classifier).classify(PROMPTS[:3], use_tqdm=False)
-    got = llm.classify(PROMPTS[:3], use_tqdm=False)
-    torch.testing.assert_close(
-        torch.tensor([o.outputs.probs for o in got]),
-        torch.tensor([o.outputs.probs for o in expected]),
-        atol=ATOL,
-        rtol=0,
-    )
+    assert_answers_only_its_own(llm, make_llm(classifier))
 
 
 def test_overlapping_server_engine_serves_every_client(classifier, make_llm):
