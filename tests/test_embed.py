@@ -88,6 +88,19 @@ def test_bi_encoder_score_is_cosine_of_embeddings(make_model, make_llm):
     assert "_" in scores[0].request_id
 
 
+def test_late_interaction_score_is_maxsim_of_token_embeddings(make_model, make_llm):
+    """token_embed models score a pair by MaxSim: each query token's best document token, summed."""
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    llm = make_llm(path, pooler_config={"task": "token_embed"})
+    docs = PROMPTS[1:5]
+    scores = llm.score(PROMPTS[0], docs, use_tqdm=False)
+    tokens = [o.outputs.data for o in llm.encode([PROMPTS[0], *docs], pooling_task="token_embed", use_tqdm=False)]
+    expected = [float((tokens[0] @ d.T).max(dim=1).values.sum()) for d in tokens[1:]]
+    got = torch.tensor([s.outputs.score for s in scores])
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+    assert len(set(expected)) == len(expected)  # distinct documents, distinct scores: the order is checked
+
+
 def test_embedder_refuses_classification_and_classifier_refuses_embedding(make_model, make_llm):
     embedder = make_llm(make_model("bert", "base", sentence_transformers={"pooling": "mean"}))
     with pytest.raises(UnsupportedTaskError, match="Classification API is not supported"):

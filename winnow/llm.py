@@ -26,7 +26,16 @@ from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
 from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_prompts, parse_truncation
-from winnow.inputs.scoring import ScorePlan, load_template, pair_up, parse_score_side, plan_scores
+from winnow.inputs.scoring import (
+    ScorePlan,
+    check_can_score,
+    distinct_texts,
+    load_template,
+    pair_up,
+    parse_score_side,
+    plan_scores,
+    score_params,
+)
 from winnow.models.files import DEFAULT_MODEL
 from winnow.outputs import (
     ClassificationOutput,
@@ -270,40 +279,37 @@ class LLM:
             truncate_prompt_tokens=_legacy_truncate(truncate_prompt_tokens),
         )
         queries, documents = parse_score_side(data_1, "data_1"), parse_score_side(data_2, "data_2")
+        params, template = pooling_params or PoolingParams(), load_template(chat_template)
+        check_can_score(self.model_config, template)
+        pad_token_id = self.get_tokenizer().pad_token_id or 0
+        if self.model_config.score_type != "cross-encoder":
+            return self._score_embeddings(queries, documents, truncation, params, pad_token_id, use_tqdm)
         plan_for = functools.partial(
             plan_scores,
             self.engine.inputs,
             self.model_config,
             truncation=truncation,
-            params=pooling_params or PoolingParams(),
-            template=load_template(chat_template),
+            params=params,
+            template=template,
             default_template=self.engine.config.chat_template,
             template_kwargs=chat_template_kwargs,
-            pad_token_id=self.get_tokenizer().pad_token_id or 0,
+            pad_token_id=pad_token_id,
         )
-        if self.engine.core.overlaps and self.model_config.score_type == "cross-encoder":
-            return self._score_in_chunks(queries, documents, plan_for, use_tqdm)
-        plan = plan_for(queries, documents)
-        ids, outputs, _ = self._run([plan.prompts], [plan.params] * len(plan.prompts), use_tqdm)
-        scores = plan.scores(outputs)
-        pair_ids = ids if plan.pairs is None else [f"{ids[q]}_{ids[d]}" for q, d in plan.pairs]
-        return [
-            PoolingRequestOutput(rid, ScoringOutput(score), plan.pair_token_ids(i))
-            for i, (rid, score) in enumerate(zip(pair_ids, scores))
-        ]
+        return self._score_pairs(queries, documents, plan_for, use_tqdm)
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _score_in_chunks(
+    def _score_pairs(
         self,
         queries: list[str],
         documents: list[str],
         plan_for: Callable[..., ScorePlan],
         use_tqdm: UseTqdm,
     ) -> list[ScoringRequestOutput]:
-        """``score`` for a cross-encoder where the engine overlaps (GPU): each pair is its own prompt,
-        so pairs are planned and tokenized ``_TOKENIZE_CHUNK`` at a time, as ``_run`` takes them. The
-        first chunk is planned before any work, so a call the model cannot serve fails at once."""
+        """``score`` for a cross-encoder: each pair is its own prompt, so pairs are planned and
+        tokenized ``_TOKENIZE_CHUNK`` at a time, as ``_run`` takes them (all before the first step on
+        a CPU, between steps on a GPU). The first chunk is planned before any work, so a call the
+        model cannot serve fails at once."""
         num_pairs = len(pair_up(queries, documents))  # checks the call's shapes over all of it
         size = _TOKENIZE_CHUNK
         plans = (
@@ -321,6 +327,27 @@ class LLM:
         return [
             PoolingRequestOutput(rid, ScoringOutput(score), prompt.token_ids)
             for rid, score, prompt in zip(ids, scores, prompts)
+        ]
+
+    def _score_embeddings(
+        self,
+        queries: list[str],
+        documents: list[str],
+        truncation: TruncationOptions,
+        params: PoolingParams,
+        pad_token_id: int,
+        use_tqdm: UseTqdm,
+    ) -> list[ScoringRequestOutput]:
+        """``score`` for an embedding model: each distinct text is embedded once (tokenized as
+        ``_tokenize`` takes prompts), then each pair is scored by cosine similarity or MaxSim."""
+        texts, rows = distinct_texts(pair_up(queries, documents))
+        bound = score_params(self.model_config, params)
+        ids, outputs, prompts = self._run(self._tokenize(list(texts), truncation), [bound] * len(texts), use_tqdm)
+        late = self.model_config.score_type == "late-interaction"
+        plan = ScorePlan(prompts, bound, pairs=rows, late_interaction=late, pad_token_id=pad_token_id)
+        return [
+            PoolingRequestOutput(f"{ids[q]}_{ids[d]}", ScoringOutput(score), plan.pair_token_ids(i))
+            for i, ((q, d), score) in enumerate(zip(rows, plan.scores(outputs)))
         ]
 
     def _bind_params(

@@ -165,6 +165,30 @@ def test_cross_encoder_pairs_are_tokenized_while_batches_run(shape, make_model, 
     )
 
 
+@pytest.mark.parametrize("task", ["embed", "token_embed"])
+def test_embedding_model_texts_are_tokenized_while_batches_run(task, make_model, make_llm, monkeypatch):
+    """An embedding model's score embeds each distinct text once; the texts are tokenized a chunk at
+    a time between launches, and scores (cosine or MaxSim) are those of the sequential engine."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    documents = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]  # 16 documents + 1 query: 5 chunks
+    expected = make_llm(path, pooler_config={"task": task}).score(PROMPTS[2], documents, use_tqdm=False)
+    llm = overlapping_llm(path, max_num_batched_tokens=64, max_model_len=64, pooler_config={"task": task})
+    recorder = Recorder(llm, monkeypatch)
+    got = llm.score(PROMPTS[2], documents, use_tqdm=False)
+    assert [n for kind, n in recorder.events if kind == "tokenize"] == [4, 4, 4, 4, 1]
+    kinds = [kind for kind, _ in recorder.events]
+    assert 0 < kinds.index("launch") < 5
+    assert sum(n for kind, n in recorder.events if kind == "launch") == 17  # the query embedded once
+    assert [o.prompt_token_ids for o in got] == [o.prompt_token_ids for o in expected]
+    torch.testing.assert_close(
+        torch.tensor([o.outputs.score for o in got]),
+        torch.tensor([o.outputs.score for o in expected]),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
 def test_a_pair_too_long_in_a_later_chunk_fails_the_whole_score_call(make_model, monkeypatch):
     """The error names the pair's index in the whole call; a call of the wrong shape fails at once."""
     monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
@@ -175,6 +199,16 @@ def test_a_pair_too_long_in_a_later_chunk_fails_the_whole_score_call(make_model,
     assert not llm.engine.core.has_unfinished()
     with pytest.raises(InvalidInputError, match="1:1, 1:N or N:N"):  # the call's shape, checked before any work
         llm.score(PROMPTS[:2], documents, use_tqdm=False)
+
+
+def test_on_a_cpu_a_pair_too_long_fails_the_score_call_before_any_work(make_model, monkeypatch):
+    """Cross-encoder pairs are planned in chunks on a CPU too, but all of them before the first batch."""
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    llm = LLM(str(make_model("bert", "seq", num_labels=1)), device="cpu", max_model_len=64)
+    recorder = Recorder(llm, monkeypatch, tokenizer="encode")
+    with pytest.raises(PromptTooLongError, match=r"\(index 8\)"):
+        llm.score(PROMPTS[0], [*PROMPTS, " ".join(["word"] * 80)], use_tqdm=False)
+    assert recorder.events == [("tokenize", 4), ("tokenize", 4), ("tokenize", 1)]
 
 
 def test_offline_token_outputs_with_overlap(make_model, make_llm):

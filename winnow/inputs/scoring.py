@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.inputs.prompts import InputProcessor, TokenizedPrompt, TruncationOptions
 from winnow.inputs.tokenizer import TextOrPair
-from winnow.params import PoolingParams
+from winnow.params import PoolingParams, PoolingTask
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
@@ -265,14 +265,10 @@ def plan_scores(
     score template; ``default_template`` the engine's (``chat_template`` option), used when none is given.
     ``offset``: where these pairs start in the caller's call, when it plans its pairs a chunk at a time
     (cross-encoders only: each pair is its own prompt)."""
-    if config.score_type is None:
-        if config.task == "classify":
-            raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
-        raise UnsupportedTaskError("This model does not support the Scoring API.")
+    check_can_score(config, template)
     pairs = pair_up(queries, documents)
-    extra = dict(params.extra_kwargs or {})
-    params = PoolingParams(use_activation=params.use_activation, dimensions=params.dimensions, task=params.task)
     if config.score_type == "cross-encoder":
+        extra = dict(params.extra_kwargs or {})
         limit = config.max_model_len
         prompts = cross_encoder_prompts(
             processor,
@@ -285,19 +281,42 @@ def plan_scores(
             use_sep_token=config.use_sep_token,
             offset=offset,
         )
-        return ScorePlan(prompts, config.bind_params(params, "classify"))
-    if template is not None:
-        raise InvalidInputError("chat_template is only supported for cross-encoder models.")
-    late = config.score_type == "late-interaction"
-    texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each distinct text embedded once
-    row = {t: i for i, t in enumerate(texts)}
+        return ScorePlan(prompts, score_params(config, params))
+    texts, rows = distinct_texts(pairs)
     return ScorePlan(
         processor.process(texts, truncation),
-        config.bind_params(params, "token_embed" if late else "embed"),
-        pairs=[(row[q], row[d]) for q, d in pairs],
-        late_interaction=late,
+        score_params(config, params),
+        pairs=rows,
+        late_interaction=config.score_type == "late-interaction",
         pad_token_id=pad_token_id,
     )
+
+
+def check_can_score(config: ModelConfig, template: str | None) -> None:
+    """The model scores (a 1-label classifier or an embedding model); a score template needs a cross-encoder."""
+    if config.score_type is None:
+        if config.task == "classify":
+            raise UnsupportedTaskError("Scoring API is only enabled for num_labels == 1.")
+        raise UnsupportedTaskError("This model does not support the Scoring API.")
+    if template is not None and config.score_type != "cross-encoder":
+        raise InvalidInputError("chat_template is only supported for cross-encoder models.")
+
+
+def score_params(config: ModelConfig, params: PoolingParams) -> PoolingParams:
+    """The caller's params bound to what the model's score runs: classify (cross-encoder), embed
+    (cosine) or token_embed (MaxSim). Score-only options (``extra_kwargs``) stay behind."""
+    tasks: dict[str | None, PoolingTask] = {"cross-encoder": "classify", "late-interaction": "token_embed"}
+    task = tasks.get(config.score_type, "embed")
+    kept = PoolingParams(use_activation=params.use_activation, dimensions=params.dimensions, task=params.task)
+    return config.bind_params(kept, task)
+
+
+def distinct_texts(pairs: list[tuple[str, str]]) -> tuple[list[str], list[tuple[int, int]]]:
+    """Each distinct text once (an embedding model embeds it once for all its pairs), and each pair
+    as the (query, document) rows of its texts in that list."""
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    row = {t: i for i, t in enumerate(texts)}
+    return texts, [(row[q], row[d]) for q, d in pairs]
 
 
 def _maxsim(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
