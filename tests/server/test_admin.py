@@ -147,6 +147,9 @@ def test_invocations_pooling(token_classifier):
 def test_invocations_refuses_a_body_that_fits_no_api(classifier):
     assert_error(classifier.post("/invocations", {"nothing": 1}), 400, "BadRequestError", "matches none")
     assert_error(classifier.post("/invocations", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    # What to change, as the model's first API (/classify here) would say it.
+    error = assert_error(classifier.post("/invocations", {"input": "hi", "normalize": True}), 400, "BadRequestError")
+    assert "As ClassifyRequest: " in error["message"] and "use_activation" in error["message"]
 
 
 # -- route registration ---------------------------------------------------------------------------------------

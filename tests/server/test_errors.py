@@ -117,6 +117,61 @@ def test_malformed_json(classifier):
     classifier.assert_serving()
 
 
+LONE_SURROGATE = rb'"\ud800"'  # valid JSON for the standard library; no str the tokenizer or renderer can encode
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("server", "route", "raw"),
+    [
+        ("classifier", "/classify", b'{"input": ' + LONE_SURROGATE + b"}"),
+        ("classifier", "/classify", b'{"input": ["ok", ' + LONE_SURROGATE + b"]}"),
+        ("classifier", "/classify", b'{"input": "hi", "model": ' + LONE_SURROGATE + b"}"),
+        ("classifier", "/classify", b'{"input": "hi", "request_id": ' + LONE_SURROGATE + b"}"),
+        ("classifier", "/tokenize", b'{"prompt": ' + LONE_SURROGATE + b"}"),
+        ("classifier", "/invocations", b'{"input": ' + LONE_SURROGATE + b"}"),
+        ("cross_encoder", "/rerank", b'{"query": "a", "documents": [' + LONE_SURROGATE + b"]}"),
+        ("embedder", "/v1/embeddings", b'{"input": ' + LONE_SURROGATE + b"}"),
+        ("classifier", "/classify", b'{"input": "\xff\xfe"}'),
+        ("classifier", "/classify", b'{"input": ' + DEEP + b"}"),
+        ("classifier", "/invocations", b'{"input": ' + DEEP + b"}"),
+    ],
+    ids=[
+        "surrogate",
+        "in-list",
+        "model",
+        "request-id",
+        "tokenize",
+        "invocations",
+        "rerank",
+        "embeddings",
+        "not-utf8",
+        "deep",
+        "deep-invocations",
+    ],
+)
+def test_bodies_no_text_can_carry_are_400(request, server, route, raw):
+    """The body is refused while parsing, with vLLM's error shape and a message saying what to send."""
+    live = request.getfixturevalue(server)
+    response = live.post(route, content=raw, headers={"content-type": "application/json"})
+    error = assert_error(response, 400, contains="valid JSON")
+    assert "UTF-8" in error["message"]
+    live.assert_serving()
+
+
+def test_a_body_not_sent_as_json_says_which_header_to_send(classifier):
+    response = classifier.post("/classify", content=b'{"input": "hi"}', headers={"content-type": "text/plain"})
+    assert_error(response, 400, "Bad Request", "Content-Type: application/json")
+
+
+def test_an_emoji_as_a_surrogate_pair_is_text(classifier):
+    """A surrogate pair is one character: JSON escapes it so, and it must be served."""
+    raw = rb'{"prompt": "\ud83d\ude00"}'
+    escaped = classifier.post("/tokenize", content=raw, headers={"content-type": "application/json"})
+    assert escaped.status_code == 200
+    assert escaped.json()["tokens"] == classifier.ok("/tokenize", {"prompt": "\U0001f600"})["tokens"]
+
+
 @pytest.mark.parametrize(
     ("server", "route", "body"),
     [

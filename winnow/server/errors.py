@@ -7,6 +7,7 @@ as vLLM does. A bug answers 500 with a generic message; the traceback goes to th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -102,11 +103,22 @@ def error_response(exc: BaseException) -> JSONResponse:
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """Schema errors (missing field, wrong type, bad enum): 400 naming the field, as vLLM does."""
     errors = exc.errors()
-    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')} [{e.get('type')}]" for e in errors]
+    parts = [describe(e) for e in errors]
     message = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}: " + "; ".join(parts)
     first = errors[0].get("loc", ()) if errors else ()
     param = ".".join(str(p) for p in first) or None
     return JSONResponse(error_body(message, "Bad Request", HTTPStatus.BAD_REQUEST, param), status_code=400)
+
+
+def describe(error: Mapping[str, Any]) -> str:
+    """One schema error as "field.path: what is wrong [type]", with the advice the bare message lacks."""
+    loc, kind = tuple(error.get("loc", ())), error.get("type")
+    message = error.get("msg")
+    if kind == "json_invalid":  # json_body.py's parse error; FastAPI keeps its text in ctx
+        return f"body: the body is not valid JSON: {error.get('ctx', {}).get('error')} [{kind}]"
+    if loc == ("body",) and isinstance(error.get("input"), bytes):  # FastAPI did not parse it as JSON
+        message = f"{message}; send the body as JSON with the header Content-Type: application/json"
+    return f"{'.'.join(str(p) for p in loc)}: {message} [{kind}]"
 
 
 def install_handlers(app: FastAPI) -> None:

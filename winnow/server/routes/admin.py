@@ -13,6 +13,8 @@ from pydantic import BaseModel, ValidationError
 
 import winnow
 from winnow.errors import InvalidInputError
+from winnow.server.errors import describe
+from winnow.server.json_body import parse_json
 from winnow.server.serving import FastJSONResponse, get_state
 
 router = APIRouter(tags=["admin"])
@@ -65,16 +67,19 @@ async def metrics(http: HTTPRequest) -> Response:
 @router.post("/invocations")
 async def invocations(http: HTTPRequest) -> Response:
     """SageMaker: the body is dispatched to the first enabled API whose request schema it fits."""
-    try:
-        body = await http.json()
-    except ValueError as e:
-        raise InvalidInputError(f"The body is not valid JSON: {e}") from e
+    body = parse_json(await http.body())
     routes: list[Invocation] = http.app.state.invocations
+    errors: list[ValidationError] = []
     for schema, handler in routes:
         try:
             request = schema.model_validate(body)
-        except ValidationError:
+        except ValidationError as e:
+            errors.append(e)
             continue
         return await handler(request, http)
     names = ", ".join(schema.__name__ for schema, _ in routes)
-    raise InvalidInputError(f"The body matches none of the APIs this model serves ({names}).")
+    # The first API's complaints say what to change for the model's main use.
+    raise InvalidInputError(
+        f"The body matches none of the APIs this model serves ({names}). As {names.split(',')[0]}: "
+        + "; ".join(describe(e) for e in errors[0].errors())
+    )

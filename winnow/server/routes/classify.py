@@ -7,10 +7,11 @@ from fastapi import Request as HTTPRequest
 
 from winnow.params import PoolingParams
 from winnow.server.errors import NotImplementedRouteError
+from winnow.server.json_body import JSONRoute
 from winnow.server.protocol import ClassifyRequest, ClassifyResponse
 from winnow.server.serving import FastJSONResponse, get_state, list_body, tokenize_body
 
-router = APIRouter(tags=["classification"])
+router = APIRouter(tags=["classification"], route_class=JSONRoute)
 
 
 @router.post("/classify", response_model=ClassifyResponse)

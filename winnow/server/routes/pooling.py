@@ -14,11 +14,12 @@ from fastapi.responses import Response
 
 from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.params import PoolingParams, check_task
+from winnow.server.json_body import JSONRoute
 from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
 from winnow.server.serving import FastJSONResponse, get_state, list_body, prompts_of, tokenize_body, truncation_of
 
-router = APIRouter(tags=["pooling"])
-embeddings_router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["pooling"], route_class=JSONRoute)
+embeddings_router = APIRouter(tags=["embeddings"], route_class=JSONRoute)
 
 _DTYPES = {
     "float32": torch.float32,

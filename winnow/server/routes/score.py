@@ -15,11 +15,12 @@ from fastapi import Request as HTTPRequest
 
 from winnow.inputs.scoring import ScorePlan, parse_score_side, plan_scores
 from winnow.params import PoolingParams
+from winnow.server.json_body import JSONRoute
 from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, _ScoreOptions
 from winnow.server.serving import FastJSONResponse, get_state, list_body, truncation_of
 from winnow.server.state import ServerState
 
-router = APIRouter(tags=["scoring"])
+router = APIRouter(tags=["scoring"], route_class=JSONRoute)
 
 
 @router.post("/score", response_model=ScoreResponse)

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
 from winnow.errors import InvalidInputError
+from winnow.server.json_body import JSONRoute
 from winnow.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from winnow.server.serving import get_state, render_chat
 
-router = APIRouter(tags=["tokenizer"])
+router = APIRouter(tags=["tokenizer"], route_class=JSONRoute)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
