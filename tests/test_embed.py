@@ -88,6 +88,23 @@ def test_bi_encoder_score_is_cosine_of_embeddings(make_model, make_llm):
     assert "_" in scores[0].request_id
 
 
+def test_bi_encoder_score_cuts_each_side_to_its_token_limit(make_model, make_llm):
+    """max_tokens_per_query / max_tokens_per_doc cut an embedding model's texts as a cross-encoder's:
+    the score is that of the cut texts; a limit out of range is refused."""
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    llm = make_llm(path)
+    query, docs = "what is the capital of france", ["the quick brown fox jumps", "paris is the capital"]
+    params = PoolingParams(extra_kwargs={"max_tokens_per_query": 3, "max_tokens_per_doc": 2})
+    got = llm.score(query, docs, pooling_params=params, use_tqdm=False)
+    ref = _st_embed(path, ["what is the", "the quick", "paris is"])
+    expected = torch.nn.functional.cosine_similarity(ref[:1], ref[1:])
+    torch.testing.assert_close(torch.tensor([s.outputs.score for s in got]), expected, atol=1e-5, rtol=0)
+    uncut = llm.score(query, docs, use_tqdm=False)
+    assert all(len(g.prompt_token_ids) < len(u.prompt_token_ids) for g, u in zip(got, uncut))
+    with pytest.raises(InvalidInputError, match="max_tokens_per_doc"):
+        llm.score(query, docs, pooling_params=PoolingParams(extra_kwargs={"max_tokens_per_doc": 10_000}))
+
+
 def test_late_interaction_score_is_maxsim_of_token_embeddings(make_model, make_llm):
     """token_embed models score a pair by MaxSim: each query token's best document token, summed."""
     path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})

@@ -29,7 +29,8 @@ from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, pa
 from winnow.inputs.scoring import (
     ScorePlan,
     check_can_score,
-    distinct_texts,
+    embedding_inputs,
+    embedding_plan,
     load_template,
     pair_up,
     parse_score_side,
@@ -340,11 +341,10 @@ class LLM:
     ) -> list[ScoringRequestOutput]:
         """``score`` for an embedding model: each distinct text is embedded once (tokenized as
         ``_tokenize`` takes prompts), then each pair is scored by cosine similarity or MaxSim."""
-        texts, rows = distinct_texts(pair_up(queries, documents))
-        bound = score_params(self.model_config, params)
-        ids, outputs, prompts = self._run(self._tokenize(list(texts), truncation), [bound] * len(texts), use_tqdm)
-        late = self.model_config.score_type == "late-interaction"
-        plan = ScorePlan(prompts, bound, pairs=rows, late_interaction=late, pad_token_id=pad_token_id)
+        texts, rows = embedding_inputs(self.engine.inputs, self.model_config, queries, documents, params)
+        plan_params = [score_params(self.model_config, params)] * len(texts)
+        ids, outputs, prompts = self._run(self._tokenize(list(texts), truncation), plan_params, use_tqdm)
+        plan = embedding_plan(self.model_config, prompts, rows, params, pad_token_id)
         return [
             PoolingRequestOutput(f"{ids[q]}_{ids[d]}", ScoringOutput(score), plan.pair_token_ids(i))
             for i, ((q, d), score) in enumerate(zip(rows, plan.scores(outputs)))

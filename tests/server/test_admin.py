@@ -58,6 +58,12 @@ def test_models_lists_every_served_name(classifier, classifier_path):
         assert card["root"] == str(classifier_path)
         assert card["parent"] is None
         assert isinstance(card["created"], int)
+        [permission] = card["permission"]
+        assert permission["object"] == "model_permission" and permission["organization"] == "*"
+
+
+def test_load_counts_requests_in_flight(classifier):
+    assert classifier.get("/load").json() == {"server_load": 0}  # nothing in flight between tests
 
 
 @pytest.mark.parametrize(("method", "route"), [("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")])

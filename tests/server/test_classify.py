@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -166,6 +167,27 @@ def test_chat_form_equals_rendered_completion(classifier, classifier_llm, option
     assert len(body["data"]) == 1  # one conversation, one result
     assert_usage(body["usage"], lengths[0])
     assert_close(body["data"][0]["probs"], probs[0])
+
+
+def test_chat_content_parts_are_their_joined_text(classifier):
+    """OpenAI content parts are text joined by newlines (vLLM's "string" content format), not a repr."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the quick"}, {"type": "text", "text": "fox"}]}]
+    plain = [{"role": "user", "content": "the quick\nfox"}]
+    assert classifier.ok("/classify", {"messages": parts}) == {
+        **classifier.ok("/classify", {"messages": plain}),
+        **{k: ANY for k in ("id", "created")},
+    }
+    assert classifier.ok("/tokenize", {"messages": parts}) == classifier.ok("/tokenize", {"messages": plain})
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "image_url", "image_url": {"url": "http://x"}}], [{"type": "text", "text": 5}], 7],
+    ids=["image", "non-str-text", "number"],
+)
+def test_chat_content_that_is_not_text_is_refused(classifier, content):
+    response = classifier.post("/classify", {"messages": [{"role": "user", "content": content}]})
+    assert_error(response, 400, "BadRequestError", "messages[0].content must be a string or a list of text parts")
 
 
 def test_chat_form_without_template_is_refused(cross_encoder):

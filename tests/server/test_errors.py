@@ -233,12 +233,14 @@ def test_too_many_requests_in_flight_is_429(limited):
         second = limited.post("/classify", {"input": "hello"})
         assert_error(second, 429, "TooManyRequestsError", "at capacity")
         assert limited.get("/health").status_code == 200  # probes and tokenizer are not limited
+        assert limited.get("/load").json() == {"server_load": 1}  # the parked request
         assert limited.post("/tokenize", {"prompt": "hi"}).status_code == 200
         assert limited.metric("winnow_requests_in_flight") == 1
         assert limited.metric("winnow_requests_total", route="/classify", status="429") >= 1
         gate.release()
         assert first().status_code == 200
     assert limited.metric("winnow_requests_in_flight") == 0
+    assert limited.get("/load").json() == {"server_load": 0}
     assert len(limited.ok("/classify", {"input": "hello"})["data"]) == 1  # the slot is free again
 
 

@@ -139,6 +139,18 @@ def test_rerank_max_tokens_per_doc(cross_encoder, cross_encoder_llm):
     assert_close([r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])], scores)
 
 
+def test_embedding_rerank_max_tokens_per_doc(embedder, embedder_llm):
+    """An embedding model cuts its documents too, as the offline call does."""
+    params = PoolingParams(extra_kwargs={"max_tokens_per_doc": 2})
+    offline = embedder_llm.score(QUERY, DOCS, pooling_params=params, use_tqdm=False)
+    body = embedder.ok("/rerank", {"query": QUERY, "documents": DOCS, "max_tokens_per_doc": 2})
+    full = embedder.ok("/rerank", {"query": QUERY, "documents": DOCS})
+    assert body["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
+    got = [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
+    assert_close(got, [o.outputs.score for o in offline])
+    assert got != [r["relevance_score"] for r in sorted(full["results"], key=lambda r: r["index"])]
+
+
 def test_large_rerank_returns_every_document_in_order(cross_encoder, cross_encoder_llm):
     """2000 documents through a 64-token budget: hundreds of batches, no client-side item limit."""
     documents = [f"{WORDS[i % len(WORDS)]} {WORDS[(7 * i) % len(WORDS)]} {i}" for i in range(2000)]

@@ -266,25 +266,55 @@ def plan_scores(
     ``offset``: where these pairs start in the caller's call, when it plans its pairs a chunk at a time
     (cross-encoders only: each pair is its own prompt)."""
     check_can_score(config, template)
-    pairs = pair_up(queries, documents)
-    if config.score_type == "cross-encoder":
-        extra = dict(params.extra_kwargs or {})
-        limit = config.max_model_len
-        prompts = cross_encoder_prompts(
-            processor,
-            pairs,
-            truncation,
-            max_tokens_per_query=check_side_limit(extra.get("max_tokens_per_query", 0), "max_tokens_per_query", limit),
-            max_tokens_per_doc=check_side_limit(extra.get("max_tokens_per_doc", 0), "max_tokens_per_doc", limit),
-            template=template or default_template,
-            template_kwargs=template_kwargs,
-            use_sep_token=config.use_sep_token,
-            offset=offset,
-        )
-        return ScorePlan(prompts, score_params(config, params))
-    texts, rows = distinct_texts(pairs)
+    if config.score_type != "cross-encoder":
+        texts, rows = embedding_inputs(processor, config, queries, documents, params)
+        return embedding_plan(config, processor.process(texts, truncation), rows, params, pad_token_id)
+    per_query, per_doc = side_limits(config, params)
+    prompts = cross_encoder_prompts(
+        processor,
+        pair_up(queries, documents),
+        truncation,
+        max_tokens_per_query=per_query,
+        max_tokens_per_doc=per_doc,
+        template=template or default_template,
+        template_kwargs=template_kwargs,
+        use_sep_token=config.use_sep_token,
+        offset=offset,
+    )
+    return ScorePlan(prompts, score_params(config, params))
+
+
+def side_limits(config: ModelConfig, params: PoolingParams) -> tuple[int, int]:
+    """``max_tokens_per_query`` and ``max_tokens_per_doc`` from ``params.extra_kwargs`` (0: no limit)."""
+    extra, limit = dict(params.extra_kwargs or {}), config.max_model_len
+    return (
+        check_side_limit(extra.get("max_tokens_per_query", 0), "max_tokens_per_query", limit),
+        check_side_limit(extra.get("max_tokens_per_doc", 0), "max_tokens_per_doc", limit),
+    )
+
+
+def embedding_inputs(
+    processor: InputProcessor, config: ModelConfig, queries: list[str], documents: list[str], params: PoolingParams
+) -> tuple[list[str], list[tuple[int, int]]]:
+    """What an embedding model runs for a score call: each side cut to its token limit, then each
+    distinct text once (embedded once for all its pairs), and each pair's (query, document) rows."""
+    pair_up(queries, documents)  # the call's shape, before any tokenizing
+    per_query, per_doc = side_limits(config, params)
+    queries = cut_to_tokens(processor, [processor.normalize_text(q) for q in queries], per_query)
+    documents = cut_to_tokens(processor, [processor.normalize_text(d) for d in documents], per_doc)
+    return distinct_texts(pair_up(queries, documents))
+
+
+def embedding_plan(
+    config: ModelConfig,
+    prompts: list[TokenizedPrompt],
+    rows: list[tuple[int, int]],
+    params: PoolingParams,
+    pad_token_id: int,
+) -> ScorePlan:
+    """The plan of an embedding model's score call, given its distinct texts' prompts."""
     return ScorePlan(
-        processor.process(texts, truncation),
+        prompts,
         score_params(config, params),
         pairs=rows,
         late_interaction=config.score_type == "late-interaction",

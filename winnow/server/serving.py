@@ -73,7 +73,7 @@ def render_chat(state: ServerState, body: _PromptRequest | Any, messages: list[d
         raise InvalidInputError(f"chat_template_kwargs may not set {refused}.", param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(
-            messages,
+            [_with_text_content(m, i) for i, m in enumerate(messages)],
             chat_template=template,
             tokenize=False,
             add_generation_prompt=body.add_generation_prompt,
@@ -83,6 +83,24 @@ def render_chat(state: ServerState, body: _PromptRequest | Any, messages: list[d
     except Exception as e:  # Jinja and template errors come in many types
         raise InvalidInputError(f"The chat template failed to render: {type(e).__name__}: {e}", param="messages") from e
     return str(text)
+
+
+def _with_text_content(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """OpenAI content parts (``[{"type": "text", "text": ...}, ...]``) joined into one string, as
+    vLLM's "string" content format does: classifier chat templates print ``content`` as it is, and
+    a list would be classified as its Python repr."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return message
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return {**message, "content": "\n".join(p["text"] for p in content)}
+    raise InvalidInputError(
+        f"messages[{index}].content must be a string or a list of text parts "
+        '([{"type": "text", "text": ...}]); this is a text-only model.',
+        param="messages",
+    )
 
 
 async def tokenize_body(state: ServerState, body: _PromptRequest) -> list[TokenizedPrompt]:

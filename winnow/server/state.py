@@ -154,6 +154,11 @@ class ServerState:
             raise NotReadyError("The model is still loading; retry shortly.")
         return self.engine
 
+    @property
+    def in_flight(self) -> int:
+        """Inference requests admitted and not yet answered (``/load``)."""
+        return self._in_flight
+
     @asynccontextmanager
     async def admission(self) -> AsyncIterator[None]:
         """Count an inference request in flight; beyond the limit, refuse it with 429."""

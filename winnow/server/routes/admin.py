@@ -35,11 +35,35 @@ async def models(http: HTTPRequest) -> FastJSONResponse:
             "root": str(state.model_config.path),
             "parent": None,
             "max_model_len": state.model_config.max_model_len,
-            "permission": [],
+            "permission": [_permission(state.started)],
         }
         for name in state.settings.served_model_names
     ]
     return FastJSONResponse({"object": "list", "data": cards})
+
+
+def _permission(created: int) -> dict[str, Any]:
+    """vLLM's (OpenAI's legacy) model permission object: everything a pooling model can be used for."""
+    return {
+        "id": f"modelperm-{created}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+
+
+@router.get("/load")
+async def load(http: HTTPRequest) -> FastJSONResponse:
+    """Inference requests in flight (vLLM's ``server_load``; always tracked here)."""
+    return FastJSONResponse({"server_load": get_state(http).in_flight})
 
 
 @router.get("/health")
