@@ -39,9 +39,7 @@ from winnow.inputs.scoring import (
 )
 from winnow.models.files import DEFAULT_MODEL
 from winnow.outputs import (
-    ClassificationOutput,
     ClassificationRequestOutput,
-    EmbeddingOutput,
     EmbeddingRequestOutput,
     PoolingOutput,
     PoolingRequestOutput,
@@ -205,7 +203,7 @@ class LLM:
             tokenization_kwargs=tokenization_kwargs,
             truncate_prompt_tokens=truncate_prompt_tokens,
         )
-        return [_with_outputs(r, ClassificationOutput.from_base(r.outputs)) for r in results]
+        return [ClassificationRequestOutput.from_base(r) for r in results]
 
     def embed(
         self,
@@ -227,7 +225,7 @@ class LLM:
             tokenization_kwargs=tokenization_kwargs,
             truncate_prompt_tokens=truncate_prompt_tokens,
         )
-        return [_with_outputs(r, EmbeddingOutput.from_base(r.outputs)) for r in results]
+        return [EmbeddingRequestOutput.from_base(r) for r in results]
 
     def reward(
         self,
@@ -326,7 +324,7 @@ class LLM:
         ids, outputs, prompts = self._run(chunks, [first.params] * num_pairs, use_tqdm)
         scores = first.scores(outputs)  # a cross-encoder's score is its prompt's own output
         return [
-            PoolingRequestOutput(rid, ScoringOutput(score), prompt.token_ids)
+            ScoringRequestOutput(rid, ScoringOutput(score), prompt.token_ids)
             for rid, score, prompt in zip(ids, scores, prompts)
         ]
 
@@ -346,7 +344,7 @@ class LLM:
         ids, outputs, prompts = self._run(self._tokenize(list(texts), truncation), plan_params, use_tqdm)
         plan = embedding_plan(self.model_config, prompts, rows, params, pad_token_id)
         return [
-            PoolingRequestOutput(f"{ids[q]}_{ids[d]}", ScoringOutput(score), plan.pair_token_ids(i))
+            ScoringRequestOutput(f"{ids[q]}_{ids[d]}", ScoringOutput(score), plan.pair_token_ids(i))
             for i, ((q, d), score) in enumerate(zip(rows, plan.scores(outputs)))
         ]
 
@@ -427,10 +425,6 @@ class LLM:
 class _NoBar:
     def update(self, n: int) -> None:
         pass
-
-
-def _with_outputs(result: PoolingRequestOutput[Any], outputs: Any) -> PoolingRequestOutput[Any]:
-    return PoolingRequestOutput(result.request_id, outputs, result.prompt_token_ids)
 
 
 def _reject_lora(lora_request: Any) -> None:

@@ -80,6 +80,29 @@ class PoolingRequestOutput(Generic[_O]):
     error: str | None = field(default=None, repr=False)
 
 
-ClassificationRequestOutput = PoolingRequestOutput[ClassificationOutput]
-ScoringRequestOutput = PoolingRequestOutput[ScoringOutput]
-EmbeddingRequestOutput = PoolingRequestOutput[EmbeddingOutput]
+# Real subclasses, as in vLLM, so that ``isinstance`` checks and ``from_base`` work.
+
+
+@dataclass(frozen=True)
+class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
+    @staticmethod
+    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> ClassificationRequestOutput:
+        return ClassificationRequestOutput(
+            result.request_id, ClassificationOutput.from_base(result.outputs), result.prompt_token_ids
+        )
+
+
+@dataclass(frozen=True)
+class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
+    @staticmethod
+    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> ScoringRequestOutput:
+        return ScoringRequestOutput(result.request_id, ScoringOutput.from_base(result.outputs), result.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
+    @staticmethod
+    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> EmbeddingRequestOutput:
+        return EmbeddingRequestOutput(
+            result.request_id, EmbeddingOutput.from_base(result.outputs), result.prompt_token_ids
+        )
