@@ -30,3 +30,14 @@ def test_build_batch_packs_one_and_several_sequences():
     two = build_batch([[5, 6, 7], [8, 9]], [None, None], CPU, group_overhead=64**2)
     assert one.seq_lens == (3,) and one.attn_groups[0].pad_index is None
     assert two.seq_lens == (3, 2) and torch.equal(two.positions, torch.tensor([0, 1, 2, 0, 1]))
+
+
+def test_padding_fraction_counts_the_padded_cells_of_each_attention_group():
+    """One group of lengths 2, 2, 8 computes a 3 x 8 x 8 grid, of which 2² + 2² + 8² cells are useful;
+    groups of equal lengths pad nothing."""
+    ids = [[1] * 2, [1] * 2, [1] * 8]
+    one_group = build_batch(ids, [None] * 3, torch.device("cpu"), group_overhead=None)
+    assert one_group.padding_fraction == pytest.approx(1 - (4 + 4 + 64) / (3 * 64))
+    split = build_batch(ids, [None] * 3, torch.device("cpu"), group_overhead=1.0)
+    assert [g.num_seqs for g in split.attn_groups] == [2, 1]
+    assert split.padding_fraction == 0.0

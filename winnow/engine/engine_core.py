@@ -100,7 +100,7 @@ class EngineCore:
             requests, started = in_flight.requests, in_flight.started
             lens = [r.num_tokens for r in requests]
             queued = tuple(max(0.0, started - r.arrival_time) for r in requests)
-            padding = self.runner.padding_fraction(lens)
+            padding = in_flight.launched.batch.padding_fraction
             self.on_step(StepStats(len(lens), sum(lens), max(lens), padding, queued, time.monotonic() - started))
         return outputs
 

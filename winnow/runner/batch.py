@@ -80,6 +80,13 @@ class Batch:
         """Query-key pairs attention computes, padding included (sum over groups of num_seqs * max_len²)."""
         return sum(g.num_seqs * g.max_len**2 for g in self.attn_groups)
 
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the attention groups' padded grids that is padding (layers that run the
+        variable-length GPU kernel compute no grid at all)."""
+        cells = self.attention_cells
+        return 1.0 - sum(n * n for n in self.seq_lens) / cells if cells else 0.0
+
 
 def group_by_length(seq_lens: np.ndarray, overhead: float | None) -> list[tuple[int, int]]:
     """Split consecutive sequences into attention groups: [(first seq, end seq), ...].

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,7 @@ from winnow.layers.pooling import PooledBatch, Pooler
 from winnow.layers.quant import compile_variants, quantize_int8
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
-from winnow.runner.batch import Batch, build_batch, group_by_length, take_rows
+from winnow.runner.batch import Batch, build_batch, take_rows
 from winnow.runner.cuda_graphs import CudaGraphs
 
 if TYPE_CHECKING:
@@ -165,10 +164,3 @@ class ModelRunner:
         for position, index in enumerate(launched.order):
             restored[index] = outputs[position]
         return restored
-
-    def padding_fraction(self, lengths: list[int]) -> float:
-        """Share of the attention work spent on padding for a batch of these prompt lengths."""
-        lens = np.sort(np.asarray(lengths, dtype=np.int64))
-        useful = float((lens**2).sum())
-        cells = sum(float((b - a) * lens[a:b].max() ** 2) for a, b in group_by_length(lens, self.group_overhead))
-        return 1.0 - useful / cells if cells else 0.0
