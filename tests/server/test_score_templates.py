@@ -3,7 +3,7 @@ request's instruction / chat_template_kwargs reach it; results equal the offline
 
 from __future__ import annotations
 
-from tests.server.conftest import assert_close, live_server
+from tests.server.conftest import assert_close, assert_error, live_server
 
 TEMPLATE = (
     "{{ instruction | default('rank', true) }}: "
@@ -27,3 +27,11 @@ def test_server_chat_template_is_the_score_template(cross_encoder_path, make_llm
         assert_close([by_index[i] for i in range(len(DOCS))], [e.outputs.score for e in expected])
         plain = offline.score(QUERY, DOCS, use_tqdm=False)
         assert [e.outputs.score for e in expected] != [p.outputs.score for p in plain]  # the instruction mattered
+
+        # Keys that would override the template or tokenization are refused, for scores and chats alike.
+        for route, body in [
+            ("/score", {"queries": QUERY, "documents": DOCS}),
+            ("/classify", {"messages": [{"role": "user", "content": QUERY}]}),
+        ]:
+            response = live.post(route, {**body, "chat_template_kwargs": {"tokenize": True}})
+            assert_error(response, 400, "BadRequestError", "chat_template_kwargs may not set ['tokenize']")

@@ -27,7 +27,6 @@ class StepStats:
 
     num_seqs: int
     num_tokens: int
-    max_seqlen: int
     padding_fraction: float = 0.0  # share of attention work spent on padding (dense layers never see any)
     queue_seconds: tuple[float, ...] = ()  # per request: batch start minus arrival_time
     # Launch to outputs on the host (forward, pooling, copy); on a GPU it may overlap the next launch.
@@ -101,7 +100,7 @@ class EngineCore:
             lens = [r.num_tokens for r in requests]
             queued = tuple(max(0.0, started - r.arrival_time) for r in requests)
             padding = in_flight.launched.batch.padding_fraction
-            self.on_step(StepStats(len(lens), sum(lens), max(lens), padding, queued, time.monotonic() - started))
+            self.on_step(StepStats(len(lens), sum(lens), padding, queued, time.monotonic() - started))
         return outputs
 
     def warmup(self) -> None:

@@ -26,8 +26,6 @@ from winnow.params import PoolingParams, PoolingTask
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
 
-ScoreInput = str | Mapping[str, Any]
-
 
 def parse_score_side(data: Any, name: str) -> list[str]:
     """One side of a score call: a str, a {"content": [text parts]} dict, or a list of those."""
@@ -188,11 +186,18 @@ def _fit_documents(
     return fitted
 
 
-def _render(processor: InputProcessor, template: str, query: str, doc: str, kwargs: Mapping[str, Any] | None) -> str:
+def template_kwargs_of(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request's ``chat_template_kwargs``, refusing the keys that would override what the caller
+    controls elsewhere (the template itself, tools, whether to tokenize)."""
     kwargs = dict(kwargs or {})
     refused = sorted({"chat_template", "tools", "tokenize"} & set(kwargs))
     if refused:
         raise InvalidInputError(f"chat_template_kwargs may not set {refused}.", param="chat_template_kwargs")
+    return kwargs
+
+
+def _render(processor: InputProcessor, template: str, query: str, doc: str, kwargs: Mapping[str, Any] | None) -> str:
+    kwargs = template_kwargs_of(kwargs)
     messages = [{"role": "query", "content": query}, {"role": "document", "content": doc}]
     try:
         rendered = processor.tokenizers.hf_tokenizer.apply_chat_template(
@@ -217,10 +222,6 @@ class ScorePlan:
     pairs: list[tuple[int, int]] | None = None  # None: cross-encoder, prompt i is pair i
     late_interaction: bool = False
     pad_token_id: int = 0
-
-    @property
-    def num_pairs(self) -> int:
-        return len(self.prompts) if self.pairs is None else len(self.pairs)
 
     @property
     def num_usage_tokens(self) -> int:

@@ -209,8 +209,8 @@ class ElectraModel(BertModel):
     base_model_prefix = "electra"
     ignored_weights = (*BertModel.ignored_weights, "discriminator_predictions.", "generator_")
 
-    def __init__(self, config: Any, *, add_pooling_layer: bool = False) -> None:
-        super().__init__(config, add_pooling_layer=False)
+    def __init__(self, config: Any) -> None:
+        super().__init__(config, add_pooling_layer=False)  # ELECTRA checkpoints have no pooler
         embedding_size = getattr(config, "embedding_size", config.hidden_size)
         self.embeddings_project = (
             nn.Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_truncation
+from winnow.inputs.scoring import template_kwargs_of
 from winnow.server.protocol import PromptInput, _PromptRequest, _Request
 from winnow.server.state import ServerState
 
@@ -67,10 +68,7 @@ def render_chat(state: ServerState, body: _PromptRequest | Any, messages: list[d
             "--chat-template.",
             param="messages",
         )
-    kwargs = dict(body.chat_template_kwargs or {})
-    refused = sorted({"chat_template", "tools", "tokenize"} & set(kwargs))
-    if refused:
-        raise InvalidInputError(f"chat_template_kwargs may not set {refused}.", param="chat_template_kwargs")
+    kwargs = template_kwargs_of(body.chat_template_kwargs)
     try:
         text = tokenizer.apply_chat_template(
             [_with_text_content(m, i) for i, m in enumerate(messages)],
