@@ -217,9 +217,10 @@ class Pooler:
         return _select_rows(self.act(x), x, use_act)
 
     def _embed(self, x: torch.Tensor, params: list[PoolingParams], use_act: list[bool]) -> torch.Tensor:
-        if any(p.dimensions is not None for p in params):
-            return x  # Matryoshka: truncated, then normalised, per request in _truncate_embedding
-        return _select_rows(F.normalize(x, p=2, dim=-1), x, use_act)
+        """L2-normalise rows ``x`` [n, H] that ask for it. A Matryoshka row (``dimensions`` set) stays
+        raw: it is normalised after its truncation, per request in ``_truncate_embedding``."""
+        normalise = [act and p.dimensions is None for act, p in zip(use_act, params)]
+        return _select_rows(F.normalize(x, p=2, dim=-1), x, normalise)
 
     def _truncate_embedding(self, value: torch.Tensor, params: PoolingParams) -> torch.Tensor:
         """Matryoshka truncation ([.., dim] -> [.., dimensions]), then the L2 normalisation it deferred."""
