@@ -114,6 +114,24 @@ def test_token_embed_when_selected(make_model, make_llm):
     torch.testing.assert_close(out.outputs.data.norm(dim=1), torch.ones(len(out.prompt_token_ids)), atol=1e-5, rtol=0)
 
 
+def test_step_token_embed_normalises_the_kept_columns(make_model, make_llm):
+    """STEP keeps its columns before the head's L2 normalisation, as for classifiers (spec §3.2)."""
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    cols = [3, 0, 7, 1]
+    llm = make_llm(path, pooler_config={"task": "token_embed", "pooling_type": "STEP", "returned_token_ids": cols})
+    raw, got = (
+        o.outputs.data
+        for o in llm.encode(
+            [PROMPTS[1], PROMPTS[1]],
+            [PoolingParams(use_activation=False), PoolingParams()],
+            pooling_task="token_embed",
+            use_tqdm=False,
+        )
+    )
+    assert got.shape == raw.shape == (len(raw), len(cols))
+    torch.testing.assert_close(got, torch.nn.functional.normalize(raw, dim=-1), atol=1e-6, rtol=0)
+
+
 def test_bi_encoder_score_is_cosine_of_embeddings(make_model, make_llm):
     path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
     llm = make_llm(path)
