@@ -129,10 +129,6 @@ class Pooler:
         self.token_head: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, "token_head", None)
         self.returns_pooled = bool(getattr(model, "returns_pooled", False))
 
-    def __call__(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
-        """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One CPU output per sequence."""
-        return self.split(self.pool(hidden, batch, params).to_host(), batch, params)
-
     def output_token(self, params: Sequence[PoolingParams]) -> Literal["first", "last"] | None:
         """The one token per sequence this batch's pooling reads, if there is one (``Batch.output_rows``)."""
         if self.returns_pooled or any(p.task in TOKEN_TASKS for p in params):
