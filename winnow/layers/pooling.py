@@ -185,15 +185,15 @@ class Pooler:
         if kind is PoolingType.LAST:
             return hidden.index_select(0, batch.last_token_index)
         # MEAN over every prompt token (special tokens included), accumulated in float32.
-        seq_ids = torch.repeat_interleave(
+        seq_ids = torch.repeat_interleave(  # [num_tokens] the sequence each packed token belongs to
             torch.arange(batch.num_seqs, device=hidden.device),
             to_device(batch.seq_lens, hidden.device, torch.int64),
             output_size=batch.num_tokens,
         )
-        sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)
+        sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)  # [num_seqs, H]
         sums.index_add_(0, seq_ids, hidden.float())
-        lens = to_device(batch.seq_lens, hidden.device, torch.float32)
-        return sums / lens[:, None]
+        lens = to_device(batch.seq_lens, hidden.device, torch.float32)  # [num_seqs]
+        return sums / lens[:, None]  # [num_seqs, H]
 
     def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
         """[sum of the rows' lengths, H]: the tokens of sequences ``rows``, in order."""
@@ -269,9 +269,11 @@ class Pooler:
 
 
 def _select_rows(activated: torch.Tensor, raw: torch.Tensor, use_act: list[bool]) -> torch.Tensor:
+    """Row i of ``activated`` where ``use_act[i]``, else of ``raw``; both [n, k], ``use_act`` n long."""
     if all(use_act):
         return activated
     if not any(use_act):
         return raw
+    # [n] -> [n, 1]: one flag per row, broadcast over the row's columns.
     mask = to_device(use_act, raw.device, torch.bool).view(-1, *([1] * (raw.ndim - 1)))
-    return torch.where(mask, activated, raw)
+    return torch.where(mask, activated, raw)  # [n, k]
