@@ -66,12 +66,70 @@ def test_matryoshka_dimensions(make_model, make_llm):
         llm.embed(PROMPTS[0], pooling_params=PoolingParams(dimensions=999), use_tqdm=False)
 
 
+def _st_reference(path, texts, dimensions=None):
+    """What sentence-transformers returns: its pipeline (Normalize module included), truncated to
+    ``dimensions``, then normalised again: normalize(emb[:k])."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+    return model.encode(texts, convert_to_tensor=True, truncate_dim=dimensions, normalize_embeddings=True)
+
+
+def test_matryoshka_in_a_mixed_batch_matches_each_request_alone(make_model, make_llm):
+    """Requests of different clients share a batch: one asking for ``dimensions`` must not leave
+    the others un-normalised (each gets exactly what it would get alone)."""
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    llm = make_llm(path, hf_overrides={"is_matryoshka": True})
+    params = [
+        PoolingParams(),
+        PoolingParams(dimensions=8),
+        PoolingParams(use_activation=False),
+        PoolingParams(dimensions=8, use_activation=False),
+        PoolingParams(dimensions=16),
+    ]
+    prompts = PROMPTS[: len(params)]
+
+    def embed(texts, pooling_params):
+        outputs = llm.embed(texts, pooling_params=pooling_params, use_tqdm=False)
+        return [torch.tensor(o.outputs.embedding) for o in outputs]
+
+    mixed = embed(prompts, params)
+    alone = [embed(text, p)[0] for text, p in zip(prompts, params)]
+    raw = embed(prompts, PoolingParams(use_activation=False))  # [hidden] each: the pooled rows
+    for got, one, text, p, full in zip(mixed, alone, prompts, params, raw):
+        torch.testing.assert_close(got, one, atol=1e-6, rtol=0)
+        if p.use_activation is False:
+            torch.testing.assert_close(got, full[: p.dimensions], atol=1e-6, rtol=0)
+        else:
+            ref = _st_reference(path, [text], dimensions=p.dimensions)[0]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            assert abs(float(got.norm()) - 1) < 1e-5
+
+
 def test_token_embed_when_selected(make_model, make_llm):
     path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
     llm = make_llm(path, pooler_config={"task": "token_embed"})
     out = llm.encode(PROMPTS[1], pooling_task="token_embed", use_tqdm=False)[0]
     assert out.outputs.data.shape == (len(out.prompt_token_ids), 32)
     torch.testing.assert_close(out.outputs.data.norm(dim=1), torch.ones(len(out.prompt_token_ids)), atol=1e-5, rtol=0)
+
+
+def test_step_token_embed_normalises_the_kept_columns(make_model, make_llm):
+    """STEP keeps its columns before the head's L2 normalisation, as for classifiers (spec §3.2)."""
+    path = make_model("bert", "base", sentence_transformers={"pooling": "mean"})
+    cols = [3, 0, 7, 1]
+    llm = make_llm(path, pooler_config={"task": "token_embed", "pooling_type": "STEP", "returned_token_ids": cols})
+    raw, got = (
+        o.outputs.data
+        for o in llm.encode(
+            [PROMPTS[1], PROMPTS[1]],
+            [PoolingParams(use_activation=False), PoolingParams()],
+            pooling_task="token_embed",
+            use_tqdm=False,
+        )
+    )
+    assert got.shape == raw.shape == (len(raw), len(cols))
+    torch.testing.assert_close(got, torch.nn.functional.normalize(raw, dim=-1), atol=1e-6, rtol=0)
 
 
 def test_bi_encoder_score_is_cosine_of_embeddings(make_model, make_llm):

@@ -148,6 +148,33 @@ def test_step_pooling_keeps_tagged_rows_and_chosen_columns(make_model, make_llm,
     torch.testing.assert_close(out.outputs.data, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("tagged", [False, True], ids=["every-row", "tagged-rows"])
+def test_step_pooling_activates_over_the_kept_columns_only(tagged, make_model, make_llm, hf_reference):
+    """Spec §3.2 then §3.1: STEP keeps its columns (and tagged rows) and the activation runs after,
+    over the kept columns: softmax(logits[:, returned_token_ids]), as vLLM's StepPool does."""
+    path = make_model("bert", "tok", num_labels=3)
+    model, tok = hf_reference(path, "tok")
+    tag = tok.convert_tokens_to_ids("the") if tagged else None
+    config = {"pooling_type": "STEP", "step_tag_id": tag, "returned_token_ids": [0, 1], "task": "token_classify"}
+    llm = make_llm(path, pooler_config=config)
+    prompt = "the quick brown fox jumps over the lazy dog"
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]  # [num_tokens, 3]
+    rows = inputs["input_ids"][0] == tag if tagged else slice(None)
+    # The model's columns, then one request's own (reordered) columns in the same batch.
+    for params, cols in [(PoolingParams(), [0, 1]), (PoolingParams(returned_token_ids=[2, 0]), [2, 0])]:
+        kept = logits[rows][:, cols]  # [num_kept_rows, len(cols)]
+        raw = PoolingParams(use_activation=False, returned_token_ids=params.returned_token_ids)
+        got, got_raw = (
+            o.outputs.data
+            for o in llm.encode([prompt, prompt], [params, raw], pooling_task="token_classify", use_tqdm=False)
+        )
+        assert got.shape == kept.shape == (2 if tagged else len(inputs["input_ids"][0]), 2)
+        torch.testing.assert_close(got, kept.softmax(-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_raw, kept, atol=1e-5, rtol=0)
+
+
 def test_head_runs_in_float32_when_body_is_half(make_model):
     path = make_model("bert", "seq", num_labels=2)
     llm = LLM(str(path), device="cpu", dtype="bfloat16")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from winnow.errors import ModelLoadError
-from winnow.params import EMBED_TASKS, TOKEN_TASKS, PoolingParams, PoolingType
+from winnow.params import EMBED_TASKS, TOKEN_TASKS, PoolingParams, PoolingTask, PoolingType
 from winnow.runner.batch import Batch, to_device
 
 _ST_MODULE_PREFIX = "torch.nn.modules."
@@ -87,7 +87,7 @@ class PooledBatch:
     seq_rows: tuple[int, ...]  # sequences with a sequence-level task, in batch order
     seq_out: torch.Tensor | None  # [len(seq_rows), k] float32
     tok_rows: tuple[int, ...]  # sequences with a token-level task
-    tok_out: torch.Tensor | None  # [sum of their lengths, k] float32
+    tok_out: torch.Tensor | None  # [sum of their lengths, k] float32; STEP pooling: before ACT
     step_ids: torch.Tensor | None  # [num_tokens] the batch's input ids, for STEP pooling's tag filter
 
     def to_host(self, *, non_blocking: bool = False) -> PooledBatch:
@@ -129,10 +129,6 @@ class Pooler:
         self.token_head: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, "token_head", None)
         self.returns_pooled = bool(getattr(model, "returns_pooled", False))
 
-    def __call__(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
-        """``hidden``: [num_tokens, hidden] (or [num_seqs, k] when the model pooled). One CPU output per sequence."""
-        return self.split(self.pool(hidden, batch, params).to_host(), batch, params)
-
     def output_token(self, params: Sequence[PoolingParams]) -> Literal["first", "last"] | None:
         """The one token per sequence this batch's pooling reads, if there is one (``Batch.output_rows``)."""
         if self.returns_pooled or any(p.task in TOKEN_TASKS for p in params):
@@ -140,7 +136,8 @@ class Pooler:
         return _ONE_TOKEN.get(self.spec.seq_pooling)
 
     def pool(self, hidden: torch.Tensor, batch: Batch, params: Sequence[PoolingParams]) -> PooledBatch:
-        """The device half: pooling, head and activation for the whole batch, no host synchronisation.
+        """The device half: pooling, head and activation for the whole batch, no host synchronisation
+        (STEP pooling's activation waits for ``split``, which picks its columns).
         ``hidden``: [num_tokens, H], or [num_seqs, H] when the model pooled or returned ``batch.output_rows``."""
         seq_rows = [i for i, p in enumerate(params) if p.task not in TOKEN_TASKS]
         tok_rows = [i for i, p in enumerate(params) if p.task in TOKEN_TASKS]
@@ -152,9 +149,14 @@ class Pooler:
                 pooled = pooled.index_select(0, to_device(seq_rows, hidden.device, torch.int64))
             seq_out = self._finish(pooled, [params[i] for i in seq_rows]).float()
         if tok_rows:
-            tokens = self._select_tokens(hidden, batch, tok_rows)
-            tok_out = self._finish(tokens, [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])]).float()
-            step_ids = batch.input_ids if self.spec.tok_pooling is PoolingType.STEP else None
+            tokens = self._select_tokens(hidden, batch, tok_rows)  # [sum of their lengths, H]
+            token_params = [params[i] for i in tok_rows for _ in range(batch.seq_lens[i])]
+            if self.spec.tok_pooling is PoolingType.STEP:
+                # ACT runs over the columns STEP keeps (spec §3.2), which each request may choose: in split.
+                tok_out = self._logits(tokens, token_params[0].task).float()
+                step_ids = batch.input_ids
+            else:
+                tok_out = self._finish(tokens, token_params).float()
         return PooledBatch(tuple(seq_rows), seq_out, tuple(tok_rows), tok_out, step_ids)
 
     def split(self, pooled: PooledBatch, batch: Batch, params: Sequence[PoolingParams]) -> list[torch.Tensor]:
@@ -165,9 +167,12 @@ class Pooler:
                 results[row] = self._truncate_embedding(value, params[row])
         if pooled.tok_out is not None:
             lens = [batch.seq_lens[i] for i in pooled.tok_rows]
-            for row, value in zip(pooled.tok_rows, pooled.tok_out.split(lens)):
-                value = self._truncate_embedding(value, params[row])
-                results[row] = self._step_filter(value, params[row], batch, row, pooled.step_ids)
+            for row, value in zip(pooled.tok_rows, pooled.tok_out.split(lens)):  # value: [seq_lens[row], k]
+                if pooled.step_ids is None:
+                    results[row] = self._truncate_embedding(value, params[row])
+                else:
+                    value = self._step_filter(value, params[row], batch, row, pooled.step_ids)
+                    results[row] = self._activate(value, params[row])
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -180,15 +185,15 @@ class Pooler:
         if kind is PoolingType.LAST:
             return hidden.index_select(0, batch.last_token_index)
         # MEAN over every prompt token (special tokens included), accumulated in float32.
-        seq_ids = torch.repeat_interleave(
+        seq_ids = torch.repeat_interleave(  # [num_tokens] the sequence each packed token belongs to
             torch.arange(batch.num_seqs, device=hidden.device),
             to_device(batch.seq_lens, hidden.device, torch.int64),
             output_size=batch.num_tokens,
         )
-        sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)
+        sums = hidden.new_zeros(batch.num_seqs, hidden.shape[1], dtype=torch.float32)  # [num_seqs, H]
         sums.index_add_(0, seq_ids, hidden.float())
-        lens = to_device(batch.seq_lens, hidden.device, torch.float32)
-        return sums / lens[:, None]
+        lens = to_device(batch.seq_lens, hidden.device, torch.float32)  # [num_seqs]
+        return sums / lens[:, None]  # [num_seqs, H]
 
     def _select_tokens(self, hidden: torch.Tensor, batch: Batch, rows: list[int]) -> torch.Tensor:
         """[sum of the rows' lengths, H]: the tokens of sequences ``rows``, in order."""
@@ -202,53 +207,73 @@ class Pooler:
 
     def _finish(self, x: torch.Tensor, params: list[PoolingParams]) -> torch.Tensor:
         """Apply head, calibration and activation to rows ``x`` [n, H]; ``params`` has one entry per row."""
-        x = x.to(self.spec.head_dtype)
-        use_act = [self.spec.use_activation if p.use_activation is None else p.use_activation for p in params]
+        z = self._logits(x, params[0].task)  # [n, k]
+        use_act = [self._use_activation(p) for p in params]
         if params[0].task in EMBED_TASKS:
-            return self._embed(x, params, use_act)
+            return self._embed(z, params, use_act)
+        return _select_rows(self.act(z), z, use_act)
+
+    def _logits(self, x: torch.Tensor, task: PoolingTask | None) -> torch.Tensor:
+        """Rows ``x`` [n, H] in the head dtype, through the head and calibration: [n, num_labels].
+        Embedding tasks have neither: their rows come back as they are, [n, H]."""
+        x = x.to(self.spec.head_dtype)
+        if task in EMBED_TASKS:
+            return x
         if not self.returns_pooled:
-            head = self.token_head if params[0].task in TOKEN_TASKS else self.classify_head
+            head = self.token_head if task in TOKEN_TASKS else self.classify_head
             assert head is not None, "the registry only assigns classify tasks to models with a head"
             x = head(x)  # [n, num_labels]
         if self.spec.logit_mean is not None:
             x = x - self.spec.logit_mean
         if self.spec.logit_sigma is not None:
             x = x / self.spec.logit_sigma
-        return _select_rows(self.act(x), x, use_act)
+        return x
+
+    def _use_activation(self, params: PoolingParams) -> bool:
+        return self.spec.use_activation if params.use_activation is None else params.use_activation
 
     def _embed(self, x: torch.Tensor, params: list[PoolingParams], use_act: list[bool]) -> torch.Tensor:
-        if any(p.dimensions is not None for p in params):
-            return x  # Matryoshka: truncated, then normalised, per request in _truncate_embedding
-        return _select_rows(F.normalize(x, p=2, dim=-1), x, use_act)
+        """L2-normalise rows ``x`` [n, H] that ask for it. A Matryoshka row (``dimensions`` set) stays
+        raw: it is normalised after its truncation, per request in ``_truncate_embedding``."""
+        normalise = [act and p.dimensions is None for act, p in zip(use_act, params)]
+        return _select_rows(F.normalize(x, p=2, dim=-1), x, normalise)
 
     def _truncate_embedding(self, value: torch.Tensor, params: PoolingParams) -> torch.Tensor:
         """Matryoshka truncation ([.., dim] -> [.., dimensions]), then the L2 normalisation it deferred."""
         if params.task not in EMBED_TASKS or params.dimensions is None:
             return value
-        value = value[..., : params.dimensions]
-        use_act = self.spec.use_activation if params.use_activation is None else params.use_activation
-        return F.normalize(value, p=2, dim=-1) if use_act else value
+        return self._activate(value, params)
+
+    def _activate(self, value: torch.Tensor, params: PoolingParams) -> torch.Tensor:
+        """One request's ACT on the host, for what ``pool`` left raw: [.., k] -> [.., k], or
+        [.., dimensions] for an embedding (Matryoshka truncation comes before its normalisation)."""
+        if params.task in EMBED_TASKS:
+            value = value[..., : params.dimensions]  # dimensions None: every column
+            return F.normalize(value, p=2, dim=-1) if self._use_activation(params) else value
+        return self.act(value) if self._use_activation(params) else value
 
     def _step_filter(
-        self, value: torch.Tensor, params: PoolingParams, batch: Batch, row: int, ids: torch.Tensor | None
+        self, value: torch.Tensor, params: PoolingParams, batch: Batch, row: int, ids: torch.Tensor
     ) -> torch.Tensor:
-        if ids is None:
-            return value
+        """STEP pooling of sequence ``row`` (spec §3.2): ``value`` [seq_len, k] -> [num_tagged, len(cols)],
+        the columns ``returned_token_ids`` (if any) of the rows whose token is ``step_tag_id`` (if set)."""
         tag = params.step_tag_id if params.step_tag_id is not None else self.spec.step_tag_id
         cols = params.returned_token_ids if params.returned_token_ids is not None else self.spec.returned_token_ids
         if cols:
-            value = value[:, list(cols)]
+            value = value[:, list(cols)]  # [seq_len, len(cols)]
         if tag is not None:
             start = batch.host_starts[row]
-            prompt = ids[start : start + batch.seq_lens[row]]
-            value = value[prompt == tag]
+            prompt = ids[start : start + batch.seq_lens[row]]  # [seq_len] this sequence's token ids
+            value = value[prompt == tag]  # [num_tagged, ..]
         return value
 
 
 def _select_rows(activated: torch.Tensor, raw: torch.Tensor, use_act: list[bool]) -> torch.Tensor:
+    """Row i of ``activated`` where ``use_act[i]``, else of ``raw``; both [n, k], ``use_act`` n long."""
     if all(use_act):
         return activated
     if not any(use_act):
         return raw
+    # [n] -> [n, 1]: one flag per row, broadcast over the row's columns.
     mask = to_device(use_act, raw.device, torch.bool).view(-1, *([1] * (raw.ndim - 1)))
-    return torch.where(mask, activated, raw)
+    return torch.where(mask, activated, raw)  # [n, k]
