@@ -9,7 +9,7 @@ parameter names equal the checkpoint's, so ``loader.load_weights`` fills it by n
     token_head(hidden) -> Tensor        [n, hidden] -> [n, num_labels]   (token classifiers, and
                                         sequence classifiers asked for token_classify)
 
-Class attributes the loader and config read (all optional):
+Class attributes the loader, config, runner and pooler read (optional unless marked):
 
     packed_modules      {checkpoint module name: (fused module name, shard index)}: projections
                         fused at load time, e.g. query/key/value -> qkv_proj
@@ -19,7 +19,7 @@ Class attributes the loader and config read (all optional):
     base_model_prefix   bare encoders only: the prefix their checkpoints may carry ("bert")
     body_prefix         classifiers: the body's attribute ("model", "transformer"); checkpoint names
                         without it (a causal LM saved as its bare base model) are accepted too
-    max_positions(config)     classmethod: the longest prompt the position encoding supports
+    max_positions(config)     classmethod, required: the longest prompt the position encoding supports
     default_pooling(config)   classmethod: the sequence pooling when neither the user nor a
                               sentence-transformers config chooses one (CLS if absent)
     pooling_is_fixed          True when the architecture defines its pooling (ModernBERT's
@@ -34,6 +34,10 @@ Class attributes the loader and config read (all optional):
                         (lm_head, then the input embedding, used only when tie_word_embeddings): a
                         classifier can be built from token rows (``TokenScoreHead``, spec §4.2) into the
                         parameter ``score.weight``
+    quantizable         regexes of the linears ``quantization="int8"`` replaces (the feed-forward
+                        layers); absent: the model refuses int8
+    returns_pooled      True when forward already returns one pooled row per sequence (the
+                        transformers fallback's classifiers): the pooler applies no head of its own
 
 Everything else (pooling, calibration, activation, dtype of the head) is the pooler's job.
 """
