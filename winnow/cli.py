@@ -189,6 +189,7 @@ def serve(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> int:
         max_request_body_bytes=args.max_request_body_bytes,
         trust_request_chat_template=args.trust_request_chat_template,
         enable_docs=not args.disable_fastapi_docs,
+        tune_gc=True,  # this process serves and nothing else
     )
     state = ServerState(config, inputs, settings)
     server: GracefulServer | None = None

@@ -70,10 +70,21 @@ def test_loading_freezes_what_lives_as_long_as_the_server(classifier_path):
     """After warm-up the objects alive for the server's whole life leave the cyclic GC's scans
     (``gc.freeze``): a full collection would otherwise walk them all while holding the GIL."""
     gc.unfreeze()  # whatever an earlier server in this process froze
-    state = make_state(classifier_path)
-    with serving(state, classifier_path) as live:
+    try:
+        with serving(make_state(classifier_path, tune_gc=True), classifier_path) as live:
+            assert live.get("/health").status_code == 200
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
+def test_only_the_cli_tunes_the_process_gc(classifier_path):
+    """Freezing and the GC threshold are process-wide: an app embedded in another process (these
+    tests) leaves them alone; `winnow serve` turns them on."""
+    before = gc.get_threshold(), gc.get_freeze_count()
+    with serving(make_state(classifier_path), classifier_path) as live:
         assert live.get("/health").status_code == 200
-        assert gc.get_freeze_count() > 10_000
+        assert (gc.get_threshold(), gc.get_freeze_count()) == before
 
 
 def test_loading_runs_in_a_thread_that_ends(classifier_path, monkeypatch):
@@ -102,12 +113,13 @@ def test_loading_makes_young_gc_passes_rare(classifier_path):
     before = gc.get_threshold()
     gc.set_threshold(700, *before[1:])
     try:
-        state = make_state(classifier_path)
+        state = make_state(classifier_path, tune_gc=True)
         with serving(state, classifier_path) as live:
             assert live.get("/health").status_code == 200
             assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
     finally:
         gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def test_failed_load_answers_503(classifier_path, tmp_path):

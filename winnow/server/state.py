@@ -54,6 +54,9 @@ class ServerSettings:
     max_request_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413
     trust_request_chat_template: bool = False  # allow a per-request chat_template
     enable_docs: bool = True
+    # Freeze what is alive after loading and raise the young GC threshold (see GC_YOUNG_THRESHOLD).
+    # Both are process-wide, so only the CLI, which owns its process, turns this on.
+    tune_gc: bool = False
 
 
 class ServerState:
@@ -99,12 +102,8 @@ class ServerState:
             if on_fatal is not None:
                 on_fatal()
             return
-        # Everything alive now (modules, weights' wrappers, tokenizer) lives as long as the server:
-        # frozen, the cyclic GC stops re-scanning it. Unfrozen, a full collection walked ~360k objects
-        # for ~200 ms while holding the GIL, twice in a 23 s bench_serve run, stalling the engine.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+        if self.settings.tune_gc:
+            _tune_gc_for_serving()
         async_engine = AsyncEngine(engine.core)
         async_engine.start()
         self.engine = async_engine
@@ -199,6 +198,15 @@ class ServerState:
         batch_id = self.new_id()
         requests = [Request(f"{batch_id}-{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
         return await _until_disconnected(http, engine.run(requests))
+
+
+def _tune_gc_for_serving() -> None:
+    """Everything alive after loading (modules, weights' wrappers, tokenizer) lives as long as the
+    server: frozen, the cyclic GC stops re-scanning it. Unfrozen, a full collection walked ~360k
+    objects for ~200 ms while holding the GIL, twice in a 23 s bench_serve run, stalling the engine."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _in_own_thread(fn: Callable[[], _T]) -> _T:
