@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from tests.tiny_models import PROMPTS
-from winnow import ClassificationOutput, PoolingParams
+from winnow import ClassificationOutput, InvalidInputError, PoolingParams
 
 
 @pytest.fixture
@@ -102,3 +102,22 @@ def test_reward_is_a_legacy_alias_of_token_classify(make_model, make_llm):
 def test_params_list_must_match_prompts(llm):
     with pytest.raises(ValueError, match=r"The lengths of prompts \(2\) and params \(3\) must be the same"):
         llm.classify(PROMPTS[:2], pooling_params=[PoolingParams()] * 3, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"use_activation": False}, "pooling_params must be a PoolingParams or a list of them .* not a dict"),
+        ([PoolingParams(), {"use_activation": False}], r"pooling_params\[1\] is a dict, not a PoolingParams"),
+    ],
+)
+def test_pooling_params_of_the_wrong_type_are_refused(llm, given, message):
+    for prompts in (PROMPTS[0], PROMPTS[:2]):
+        with pytest.raises(InvalidInputError, match=message):
+            llm.classify(prompts, pooling_params=given, use_tqdm=False)
+
+
+def test_score_pooling_params_must_be_one_object(make_model, make_llm):
+    llm = make_llm(make_model("bert", "seq", num_labels=1))
+    with pytest.raises(InvalidInputError, match="must be one PoolingParams, not a dict"):
+        llm.score("q", "d", pooling_params={"use_activation": False}, use_tqdm=False)
