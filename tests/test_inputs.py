@@ -121,3 +121,30 @@ def test_score_pooling_params_must_be_one_object(make_model, make_llm):
     llm = make_llm(make_model("bert", "seq", num_labels=1))
     with pytest.raises(InvalidInputError, match="must be one PoolingParams, not a dict"):
         llm.score("q", "d", pooling_params={"use_activation": False}, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"use_activation": "false"}, "use_activation must be a bool .*, got 'false'"),
+        ({"softmax": 0}, "softmax must be a bool"),
+        ({"dimensions": 2.5}, "dimensions must be an integer >= 1"),
+        ({"dimensions": 0}, "dimensions must be an integer >= 1"),
+        ({"step_tag_id": "7"}, "step_tag_id must be an integer >= 0"),
+        ({"returned_token_ids": 3}, "returned_token_ids must be a list of integers"),
+        ({"returned_token_ids": [0, True]}, r"returned_token_ids\[1\] must be an integer >= 0"),
+        ({"extra_kwargs": [("max_tokens_per_doc", 3)]}, "extra_kwargs must be a dict"),
+    ],
+)
+def test_pooling_params_values_are_type_checked(kwargs, message):
+    # "false" is truthy: unchecked, it silently meant use_activation=True.
+    with pytest.raises(InvalidInputError, match=message):
+        PoolingParams(**kwargs)
+
+
+def test_pooling_params_take_numpy_integers_as_python_ints():
+    import numpy as np
+
+    params = PoolingParams(step_tag_id=np.int64(7), returned_token_ids=[np.int32(0), 1])
+    assert (params.step_tag_id, params.returned_token_ids) == (7, [0, 1])
+    assert type(params.step_tag_id) is int

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny_models import PROMPTS
-from winnow import LLM, PromptTooLongError
+from winnow import LLM, ConfigError, PoolerConfig, PromptTooLongError
 
 
 def test_convert_embed_serves_a_classifier_checkpoint_as_an_embedder(make_model, hf_reference):
@@ -83,3 +83,24 @@ def test_legacy_task_keyword(make_model):
     with pytest.warns(DeprecationWarning, match="task"):
         llm = LLM(str(make_model("bert", "tok", num_labels=3)), device="cpu", task="reward")
     assert llm.model_config.task == "token_classify"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logit_mean": "2"}, "logit_mean must be a finite number, got '2'"),
+        ({"logit_sigma": float("nan")}, "logit_sigma must be a finite number"),
+        ({"logit_scale": "4"}, "logit_scale must be a finite number"),
+        ({"use_activation": "false"}, "use_activation must be a bool"),
+        ({"normalize": 1}, "normalize must be a bool"),
+        ({"step_tag_id": 1.5}, "step_tag_id must be an integer >= 0"),
+        ({"returned_token_ids": "01"}, "returned_token_ids must be a list of integers"),
+        ({"dimensions": 0}, "dimensions must be an integer >= 1"),
+    ],
+)
+def test_pooler_config_values_are_type_checked(make_model, kwargs, message):
+    # Unchecked, logit_mean="2" loaded and every request then failed with a TypeError.
+    with pytest.raises(ConfigError, match=message):
+        PoolerConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message):  # the dict form (CLI --pooler-config) too
+        LLM(str(make_model("bert", "seq", num_labels=1)), device="cpu", pooler_config=kwargs)
