@@ -104,3 +104,8 @@ def test_pooler_config_values_are_type_checked(make_model, kwargs, message):
         PoolerConfig(**kwargs)
     with pytest.raises(ConfigError, match=message):  # the dict form (CLI --pooler-config) too
         LLM(str(make_model("bert", "seq", num_labels=1)), device="cpu", pooler_config=kwargs)
+
+
+def test_pooler_config_must_be_a_pooler_config_or_a_dict(make_model):
+    with pytest.raises(ConfigError, match=r"pooler_config must be a PoolerConfig or a dict of its fields, not a str"):
+        LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", pooler_config="CLS")
