@@ -109,3 +109,29 @@ def test_pooler_config_values_are_type_checked(make_model, kwargs, message):
 def test_pooler_config_must_be_a_pooler_config_or_a_dict(make_model):
     with pytest.raises(ConfigError, match=r"pooler_config must be a PoolerConfig or a dict of its fields, not a str"):
         LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", pooler_config="CLS")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_labels": "three"}, "num_labels must be a positive integer, got 'three'"),
+        ({"num_labels": 0}, "num_labels must be a positive integer"),
+        ({"id2label": {"neg": "a", "neu": "b", "pos": "c"}}, "id2label maps an output index to a label name"),
+        ({"id2label": ["a", "b", "c"]}, "id2label must be a dict"),
+        ({"id2label": {0: "a", 2: "c"}}, r"id2label keys must be 0..1, got \[0, 2\]"),
+        ({"num_labels": 3, "id2label": {0: "a", 1: "b"}}, "num_labels=3 but id2label has 2 labels"),
+        # A typo used to fall back to softmax without a word.
+        ({"problem_type": "multi_label"}, "problem_type='multi_label' is not one of single_label_classification"),
+        ("num_labels=3", "hf_overrides must be a dict"),
+    ],
+)
+def test_hf_overrides_label_values_are_checked(make_model, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", hf_overrides=overrides)
+
+
+def test_hf_overrides_id2label_takes_json_string_keys(make_model):
+    llm = LLM(
+        str(make_model("bert", "seq", num_labels=2)), device="cpu", hf_overrides={"id2label": {"0": "no", "1": "yes"}}
+    )
+    assert llm.model_config.id2label == {0: "no", 1: "yes"}
