@@ -148,3 +148,13 @@ def test_pooling_params_take_numpy_integers_as_python_ints():
     params = PoolingParams(step_tag_id=np.int64(7), returned_token_ids=[np.int32(0), 1])
     assert (params.step_tag_id, params.returned_token_ids) == (7, [0, 1])
     assert type(params.step_tag_id) is int
+
+
+def test_per_request_returned_token_ids_are_checked_against_the_labels(make_model, make_llm):
+    llm = make_llm(
+        make_model("bert", "seq", num_labels=3), pooler_config={"pooling_type": "STEP", "task": "token_classify"}
+    )
+    with pytest.raises(InvalidInputError, match=r"returned_token_ids \[3\] are out of range: .* \[0, 3\)"):
+        llm.encode("hi", PoolingParams(returned_token_ids=[1, 3]), pooling_task="token_classify", use_tqdm=False)
+    out = llm.encode("hi", PoolingParams(returned_token_ids=[1]), pooling_task="token_classify", use_tqdm=False)
+    assert out[0].outputs.data.shape[1] == 1

@@ -135,3 +135,13 @@ def test_hf_overrides_id2label_takes_json_string_keys(make_model):
         str(make_model("bert", "seq", num_labels=2)), device="cpu", hf_overrides={"id2label": {"0": "no", "1": "yes"}}
     )
     assert llm.model_config.id2label == {0: "no", 1: "yes"}
+
+
+def test_step_returned_token_ids_must_be_columns_of_the_output(make_model):
+    # Unchecked, the model loaded and every request then failed with an IndexError in the pooler.
+    path = str(make_model("bert", "seq", num_labels=3))
+    step = {"pooling_type": "STEP", "task": "token_classify"}
+    with pytest.raises(ConfigError, match=r"returned_token_ids \[7\] are out of range: .* 3 labels.*\[0, 3\)"):
+        LLM(path, device="cpu", pooler_config={**step, "returned_token_ids": [0, 7]})
+    llm = LLM(path, device="cpu", pooler_config={**step, "returned_token_ids": [2, 0]})
+    assert llm.encode("hello world", pooling_task="token_classify", use_tqdm=False)[0].outputs.data.shape[1] == 2

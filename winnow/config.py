@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,15 @@ from winnow.layers.linear import cpu_has_fast
 from winnow.layers.pooling import Activation, PoolerSpec
 from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
-from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, PoolingType
+from winnow.params import (
+    CLASSIFY_TASKS,
+    EMBED_TASKS,
+    TOKEN_TASKS,
+    PoolerConfig,
+    PoolingParams,
+    PoolingTask,
+    PoolingType,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +330,18 @@ class ModelConfig:
                     f"dimensions={params.dimensions} exceeds the embedding size {self.hidden_size}.",
                     param="dimensions",
                 )
+        if params.returned_token_ids is not None:  # check_for_task allowed it: STEP pooling, a token task
+            problem = _returned_ids_problem(params.returned_token_ids, self.token_columns(task, params.dimensions))
+            if problem:
+                raise InvalidInputError(problem, param="returned_token_ids")
         return params.with_task(task)
+
+    def token_columns(self, task: PoolingTask, dimensions: int | None = None) -> tuple[int, str]:
+        """Width of a token task's per-token output, the columns STEP's returned_token_ids pick
+        from, and what the columns are."""
+        if task in CLASSIFY_TASKS:
+            return self.num_labels, "labels"
+        return dimensions or self.hidden_size, "embedding dimensions"
 
     @staticmethod
     def create(
@@ -376,7 +395,7 @@ class ModelConfig:
         )
         num_labels = int(getattr(hf_config, "num_labels", 0) or 0) if entry.kind != "encoder" else 0
         id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-        return ModelConfig(
+        config = ModelConfig(
             model=model,
             path=path,
             hf_config=hf_config,
@@ -402,6 +421,23 @@ class ModelConfig:
             token_score_head=token_head,
             trust_remote_code=trust_remote_code,
         )
+        if spec.tok_pooling is PoolingType.STEP and spec.returned_token_ids and task in TOKEN_TASKS:
+            # Checked here, at load: out of range, every request would fail inside the pooler.
+            problem = _returned_ids_problem(spec.returned_token_ids, config.token_columns(task))
+            if problem:
+                raise ConfigError(problem)
+        return config
+
+
+def _returned_ids_problem(ids: Sequence[int], columns: tuple[int, str]) -> str | None:
+    """What is wrong with STEP's ``returned_token_ids`` for an output of ``columns`` (width, what), if anything."""
+    width, what = columns
+    bad = [i for i in ids if i >= width]
+    if not bad:
+        return None
+    return (
+        f"returned_token_ids {bad} are out of range: the output has {width} {what}, so each id must be in [0, {width})."
+    )
 
 
 def _seq_pooling(entry: ModelEntry, hf_config: Any, pc: PoolerConfig, st: SentenceTransformersInfo) -> PoolingType:
