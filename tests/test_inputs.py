@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from tests.tiny_models import PROMPTS
-from winnow import ClassificationOutput, InvalidInputError, PoolingParams
+from winnow import ClassificationOutput, InvalidInputError, PoolingParams, UnsupportedTaskError
 
 
 @pytest.fixture
@@ -158,3 +158,12 @@ def test_per_request_returned_token_ids_are_checked_against_the_labels(make_mode
         llm.encode("hi", PoolingParams(returned_token_ids=[1, 3]), pooling_task="token_classify", use_tqdm=False)
     out = llm.encode("hi", PoolingParams(returned_token_ids=[1]), pooling_task="token_classify", use_tqdm=False)
     assert out[0].outputs.data.shape[1] == 1
+
+
+def test_encode_plugin_task_is_unsupported_offline(make_model, make_llm):
+    # Offline vLLM lists the supported tasks; "No IOProcessor plugin installed" is the server's wording.
+    llm = make_llm(make_model("bert", "tok", num_labels=2))
+    with pytest.raises(
+        UnsupportedTaskError, match=r"Unsupported task: 'plugin' Supported tasks: \('token_classify',\)"
+    ):
+        llm.encode("hi", pooling_task="plugin", use_tqdm=False)

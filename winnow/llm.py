@@ -24,7 +24,7 @@ from tqdm import tqdm
 from winnow.engine.builder import EngineArgs, build_engine
 from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
-from winnow.errors import InvalidInputError
+from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_prompts, parse_truncation
 from winnow.inputs.scoring import (
     ScorePlan,
@@ -170,6 +170,13 @@ class LLM:
             raise InvalidInputError(
                 "pooling_task required for `LLM.encode`. Use LLM.classify / LLM.embed / LLM.score, or set "
                 "pooling_task to one of: classify, token_classify, embed, token_embed."
+            )
+        if pooling_task == "plugin":
+            # NOTE: offline, vLLM finds `plugin` among no model's supported tasks and says so (spec §9.2);
+            # check_task's "No IOProcessor plugin installed" is the server's /pooling wording (§6.6).
+            raise UnsupportedTaskError(
+                f"Unsupported task: 'plugin' Supported tasks: {self.model_config.supported_tasks}",
+                param="pooling_task",
             )
         task = check_task(pooling_task, param="pooling_task")
         self.model_config.check_task(task)
