@@ -167,3 +167,29 @@ def test_encode_plugin_task_is_unsupported_offline(make_model, make_llm):
         UnsupportedTaskError, match=r"Unsupported task: 'plugin' Supported tasks: \('token_classify',\)"
     ):
         llm.encode("hi", pooling_task="plugin", use_tqdm=False)
+
+
+def test_token_id_prompts_take_numpy_and_torch_integers(llm):
+    import numpy as np
+
+    ids = llm.get_tokenizer()(PROMPTS[1]).input_ids
+    expected = llm.classify({"prompt_token_ids": ids}, use_tqdm=False)[0].outputs.probs
+    forms = [list(np.array(ids)), np.array(ids), torch.tensor(ids), list(torch.tensor(ids))]
+    for form in forms:
+        out = llm.classify({"prompt_token_ids": form}, use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs.probs == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([2, True, 3], r"Prompt 0: prompt_token_ids\[1\] is True \(bool\), not an integer token id"),
+        (torch.tensor([2, 3]) > 2, r"prompt_token_ids\[0\] is False \(bool\)"),
+        ([2, 3.0], r"prompt_token_ids\[1\] is 3.0 \(float\)"),
+        ("2 3", "prompt_token_ids must be a list of ints, got str"),
+    ],
+)
+def test_token_id_prompts_name_what_is_wrong(llm, ids, message):
+    with pytest.raises(InvalidInputError, match=message):
+        llm.classify({"prompt_token_ids": ids}, use_tqdm=False)
