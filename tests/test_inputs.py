@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from tests.tiny_models import PROMPTS
-from winnow import ClassificationOutput, PoolingParams
+from winnow import ClassificationOutput, InvalidInputError, PoolingParams, UnsupportedTaskError
 
 
 @pytest.fixture
@@ -102,3 +102,94 @@ def test_reward_is_a_legacy_alias_of_token_classify(make_model, make_llm):
 def test_params_list_must_match_prompts(llm):
     with pytest.raises(ValueError, match=r"The lengths of prompts \(2\) and params \(3\) must be the same"):
         llm.classify(PROMPTS[:2], pooling_params=[PoolingParams()] * 3, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"use_activation": False}, "pooling_params must be a PoolingParams or a list of them .* not a dict"),
+        ([PoolingParams(), {"use_activation": False}], r"pooling_params\[1\] is a dict, not a PoolingParams"),
+    ],
+)
+def test_pooling_params_of_the_wrong_type_are_refused(llm, given, message):
+    for prompts in (PROMPTS[0], PROMPTS[:2]):
+        with pytest.raises(InvalidInputError, match=message):
+            llm.classify(prompts, pooling_params=given, use_tqdm=False)
+
+
+def test_score_pooling_params_must_be_one_object(make_model, make_llm):
+    llm = make_llm(make_model("bert", "seq", num_labels=1))
+    with pytest.raises(InvalidInputError, match="must be one PoolingParams, not a dict"):
+        llm.score("q", "d", pooling_params={"use_activation": False}, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"use_activation": "false"}, "use_activation must be a bool .*, got 'false'"),
+        ({"softmax": 0}, "softmax must be a bool"),
+        ({"dimensions": 2.5}, "dimensions must be an integer >= 1"),
+        ({"dimensions": 0}, "dimensions must be an integer >= 1"),
+        ({"step_tag_id": "7"}, "step_tag_id must be an integer >= 0"),
+        ({"returned_token_ids": 3}, "returned_token_ids must be a list of integers"),
+        ({"returned_token_ids": [0, True]}, r"returned_token_ids\[1\] must be an integer >= 0"),
+        ({"extra_kwargs": [("max_tokens_per_doc", 3)]}, "extra_kwargs must be a dict"),
+    ],
+)
+def test_pooling_params_values_are_type_checked(kwargs, message):
+    # "false" is truthy: unchecked, it silently meant use_activation=True.
+    with pytest.raises(InvalidInputError, match=message):
+        PoolingParams(**kwargs)
+
+
+def test_pooling_params_take_numpy_integers_as_python_ints():
+    import numpy as np
+
+    params = PoolingParams(step_tag_id=np.int64(7), returned_token_ids=[np.int32(0), 1])
+    assert (params.step_tag_id, params.returned_token_ids) == (7, [0, 1])
+    assert type(params.step_tag_id) is int
+
+
+def test_per_request_returned_token_ids_are_checked_against_the_labels(make_model, make_llm):
+    llm = make_llm(
+        make_model("bert", "seq", num_labels=3), pooler_config={"pooling_type": "STEP", "task": "token_classify"}
+    )
+    with pytest.raises(InvalidInputError, match=r"returned_token_ids \[3\] are out of range: .* \[0, 3\)"):
+        llm.encode("hi", PoolingParams(returned_token_ids=[1, 3]), pooling_task="token_classify", use_tqdm=False)
+    out = llm.encode("hi", PoolingParams(returned_token_ids=[1]), pooling_task="token_classify", use_tqdm=False)
+    assert out[0].outputs.data.shape[1] == 1
+
+
+def test_encode_plugin_task_is_unsupported_offline(make_model, make_llm):
+    # Offline vLLM lists the supported tasks; "No IOProcessor plugin installed" is the server's wording.
+    llm = make_llm(make_model("bert", "tok", num_labels=2))
+    with pytest.raises(
+        UnsupportedTaskError, match=r"Unsupported task: 'plugin' Supported tasks: \('token_classify',\)"
+    ):
+        llm.encode("hi", pooling_task="plugin", use_tqdm=False)
+
+
+def test_token_id_prompts_take_numpy_and_torch_integers(llm):
+    import numpy as np
+
+    ids = llm.get_tokenizer()(PROMPTS[1]).input_ids
+    expected = llm.classify({"prompt_token_ids": ids}, use_tqdm=False)[0].outputs.probs
+    forms = [list(np.array(ids)), np.array(ids), torch.tensor(ids), list(torch.tensor(ids))]
+    for form in forms:
+        out = llm.classify({"prompt_token_ids": form}, use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs.probs == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([2, True, 3], r"Prompt 0: prompt_token_ids\[1\] is True \(bool\), not an integer token id"),
+        (torch.tensor([2, 3]) > 2, r"prompt_token_ids\[0\] is False \(bool\)"),
+        ([2, 3.0], r"prompt_token_ids\[1\] is 3.0 \(float\)"),
+        ("2 3", "prompt_token_ids must be a list of ints, got str"),
+    ],
+)
+def test_token_id_prompts_name_what_is_wrong(llm, ids, message):
+    with pytest.raises(InvalidInputError, match=message):
+        llm.classify({"prompt_token_ids": ids}, use_tqdm=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny_models import PROMPTS
-from winnow import LLM, PromptTooLongError
+from winnow import LLM, ConfigError, PoolerConfig, PromptTooLongError
 
 
 def test_convert_embed_serves_a_classifier_checkpoint_as_an_embedder(make_model, hf_reference):
@@ -83,3 +83,65 @@ def test_legacy_task_keyword(make_model):
     with pytest.warns(DeprecationWarning, match="task"):
         llm = LLM(str(make_model("bert", "tok", num_labels=3)), device="cpu", task="reward")
     assert llm.model_config.task == "token_classify"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logit_mean": "2"}, "logit_mean must be a finite number, got '2'"),
+        ({"logit_sigma": float("nan")}, "logit_sigma must be a finite number"),
+        ({"logit_scale": "4"}, "logit_scale must be a finite number"),
+        ({"use_activation": "false"}, "use_activation must be a bool"),
+        ({"normalize": 1}, "normalize must be a bool"),
+        ({"step_tag_id": 1.5}, "step_tag_id must be an integer >= 0"),
+        ({"returned_token_ids": "01"}, "returned_token_ids must be a list of integers"),
+        ({"dimensions": 0}, "dimensions must be an integer >= 1"),
+    ],
+)
+def test_pooler_config_values_are_type_checked(make_model, kwargs, message):
+    # Unchecked, logit_mean="2" loaded and every request then failed with a TypeError.
+    with pytest.raises(ConfigError, match=message):
+        PoolerConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message):  # the dict form (CLI --pooler-config) too
+        LLM(str(make_model("bert", "seq", num_labels=1)), device="cpu", pooler_config=kwargs)
+
+
+def test_pooler_config_must_be_a_pooler_config_or_a_dict(make_model):
+    with pytest.raises(ConfigError, match=r"pooler_config must be a PoolerConfig or a dict of its fields, not a str"):
+        LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", pooler_config="CLS")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_labels": "three"}, "num_labels must be a positive integer, got 'three'"),
+        ({"num_labels": 0}, "num_labels must be a positive integer"),
+        ({"id2label": {"neg": "a", "neu": "b", "pos": "c"}}, "id2label maps an output index to a label name"),
+        ({"id2label": ["a", "b", "c"]}, "id2label must be a dict"),
+        ({"id2label": {0: "a", 2: "c"}}, r"id2label keys must be 0..1, got \[0, 2\]"),
+        ({"num_labels": 3, "id2label": {0: "a", 1: "b"}}, "num_labels=3 but id2label has 2 labels"),
+        # A typo used to fall back to softmax without a word.
+        ({"problem_type": "multi_label"}, "problem_type='multi_label' is not one of single_label_classification"),
+        ("num_labels=3", "hf_overrides must be a dict"),
+    ],
+)
+def test_hf_overrides_label_values_are_checked(make_model, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        LLM(str(make_model("bert", "seq", num_labels=3)), device="cpu", hf_overrides=overrides)
+
+
+def test_hf_overrides_id2label_takes_json_string_keys(make_model):
+    llm = LLM(
+        str(make_model("bert", "seq", num_labels=2)), device="cpu", hf_overrides={"id2label": {"0": "no", "1": "yes"}}
+    )
+    assert llm.model_config.id2label == {0: "no", 1: "yes"}
+
+
+def test_step_returned_token_ids_must_be_columns_of_the_output(make_model):
+    # Unchecked, the model loaded and every request then failed with an IndexError in the pooler.
+    path = str(make_model("bert", "seq", num_labels=3))
+    step = {"pooling_type": "STEP", "task": "token_classify"}
+    with pytest.raises(ConfigError, match=r"returned_token_ids \[7\] are out of range: .* 3 labels.*\[0, 3\)"):
+        LLM(path, device="cpu", pooler_config={**step, "returned_token_ids": [0, 7]})
+    llm = LLM(path, device="cpu", pooler_config={**step, "returned_token_ids": [2, 0]})
+    assert llm.encode("hello world", pooling_task="token_classify", use_tqdm=False)[0].outputs.data.shape[1] == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,15 @@ from winnow.layers.linear import cpu_has_fast
 from winnow.layers.pooling import Activation, PoolerSpec
 from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
-from winnow.params import CLASSIFY_TASKS, EMBED_TASKS, PoolerConfig, PoolingParams, PoolingTask, PoolingType
+from winnow.params import (
+    CLASSIFY_TASKS,
+    EMBED_TASKS,
+    TOKEN_TASKS,
+    PoolerConfig,
+    PoolingParams,
+    PoolingTask,
+    PoolingType,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ _ST_POOLING_KEYS = {
 }
 _ST_POOLING_NAMES = {"cls": PoolingType.CLS, "mean": PoolingType.MEAN, "lasttoken": PoolingType.LAST}
 _ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 HFOverrides = Mapping[str, Any] | Callable[[Any], Any]
 
@@ -116,16 +125,55 @@ def load_hf_config(path: Path, *, overrides: HFOverrides | None, trust_remote_co
         return config
     if callable(overrides):
         return overrides(config)
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"hf_overrides must be a dict (or a callable), not a {type(overrides).__name__}.")
     values = dict(overrides)
     # num_labels first: transformers rebuilds id2label from it; an explicit id2label then wins.
-    if "num_labels" in values:
-        config.num_labels = int(values.pop("num_labels"))
+    num_labels = _override_num_labels(values.pop("num_labels")) if "num_labels" in values else None
+    if num_labels is not None:
+        config.num_labels = num_labels
     if "id2label" in values:
-        config.id2label = {int(k): v for k, v in dict(values.pop("id2label")).items()}
+        config.id2label = _override_id2label(values.pop("id2label"), num_labels)
         config.label2id = {v: k for k, v in config.id2label.items()}
     for key, value in values.items():
         setattr(config, key, value)
     return config
+
+
+def _override_num_labels(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"hf_overrides num_labels must be a positive integer, got {value!r}.")
+
+
+def _override_id2label(value: Any, num_labels: int | None) -> dict[int, str]:
+    """Label names by output index: the keys must be 0..n-1 (ints, or their strings as JSON has them)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f'hf_overrides id2label must be a dict such as {{0: "negative", 1: "positive"}}, got {value!r}.'
+        )
+    id2label: dict[int, str] = {}
+    for key, label in value.items():
+        index = _label_index(key)
+        if index is None or not isinstance(label, str):
+            raise ConfigError(
+                f'hf_overrides id2label maps an output index to a label name, such as {{0: "negative"}}; '
+                f"got {key!r}: {label!r}."
+            )
+        id2label[index] = label
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ConfigError(f"hf_overrides id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
+    if num_labels is not None and num_labels != len(id2label):
+        raise ConfigError(f"hf_overrides num_labels={num_labels} but id2label has {len(id2label)} labels.")
+    return id2label
+
+
+def _label_index(key: Any) -> int | None:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.isascii() and key.isdigit():  # JSON object keys are strings
+        return int(key)
+    return None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -188,6 +236,9 @@ def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:
 def resolve_activation(hf_config: Any) -> Activation:
     """Classifier activation, chosen from problem_type, then a sentence-transformers config (spec §3.3)."""
     problem = getattr(hf_config, "problem_type", None)
+    if problem is not None and problem not in _PROBLEM_TYPES:
+        # Unchecked, a misspelt problem_type (hf_overrides) silently fell back to the default activation.
+        raise ConfigError(f"problem_type={problem!r} is not one of {', '.join(_PROBLEM_TYPES)}.")
     if problem == "regression":
         return Activation("identity")
     if problem == "single_label_classification":
@@ -279,7 +330,18 @@ class ModelConfig:
                     f"dimensions={params.dimensions} exceeds the embedding size {self.hidden_size}.",
                     param="dimensions",
                 )
+        if params.returned_token_ids is not None:  # check_for_task allowed it: STEP pooling, a token task
+            problem = _returned_ids_problem(params.returned_token_ids, self.token_columns(task, params.dimensions))
+            if problem:
+                raise InvalidInputError(problem, param="returned_token_ids")
         return params.with_task(task)
+
+    def token_columns(self, task: PoolingTask, dimensions: int | None = None) -> tuple[int, str]:
+        """Width of a token task's per-token output, the columns STEP's returned_token_ids pick
+        from, and what the columns are."""
+        if task in CLASSIFY_TASKS:
+            return self.num_labels, "labels"
+        return dimensions or self.hidden_size, "embedding dimensions"
 
     @staticmethod
     def create(
@@ -333,7 +395,7 @@ class ModelConfig:
         )
         num_labels = int(getattr(hf_config, "num_labels", 0) or 0) if entry.kind != "encoder" else 0
         id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
-        return ModelConfig(
+        config = ModelConfig(
             model=model,
             path=path,
             hf_config=hf_config,
@@ -359,6 +421,23 @@ class ModelConfig:
             token_score_head=token_head,
             trust_remote_code=trust_remote_code,
         )
+        if spec.tok_pooling is PoolingType.STEP and spec.returned_token_ids and task in TOKEN_TASKS:
+            # Checked here, at load: out of range, every request would fail inside the pooler.
+            problem = _returned_ids_problem(spec.returned_token_ids, config.token_columns(task))
+            if problem:
+                raise ConfigError(problem)
+        return config
+
+
+def _returned_ids_problem(ids: Sequence[int], columns: tuple[int, str]) -> str | None:
+    """What is wrong with STEP's ``returned_token_ids`` for an output of ``columns`` (width, what), if anything."""
+    width, what = columns
+    bad = [i for i in ids if i >= width]
+    if not bad:
+        return None
+    return (
+        f"returned_token_ids {bad} are out of range: the output has {width} {what}, so each id must be in [0, {width})."
+    )
 
 
 def _seq_pooling(entry: ModelEntry, hf_config: Any, pc: PoolerConfig, st: SentenceTransformersInfo) -> PoolingType:

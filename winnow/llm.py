@@ -24,7 +24,7 @@ from tqdm import tqdm
 from winnow.engine.builder import EngineArgs, build_engine
 from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
-from winnow.errors import InvalidInputError
+from winnow.errors import InvalidInputError, UnsupportedTaskError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_prompts, parse_truncation
 from winnow.inputs.scoring import (
     ScorePlan,
@@ -170,6 +170,13 @@ class LLM:
                 "pooling_task required for `LLM.encode`. Use LLM.classify / LLM.embed / LLM.score, or set "
                 "pooling_task to one of: classify, token_classify, embed, token_embed."
             )
+        if pooling_task == "plugin":
+            # NOTE: offline, vLLM finds `plugin` among no model's supported tasks and says so (spec §9.2);
+            # check_task's "No IOProcessor plugin installed" is the server's /pooling wording (§6.6).
+            raise UnsupportedTaskError(
+                f"Unsupported task: 'plugin' Supported tasks: {self.model_config.supported_tasks}",
+                param="pooling_task",
+            )
         task = check_task(pooling_task, param="pooling_task")
         self.model_config.check_task(task)
         _reject_lora(lora_request)
@@ -271,7 +278,11 @@ class LLM:
         """Relevance of each (query, document) pair: 1:1, 1:N or N:N. Results follow ``data_2``'s order."""
         _reject_lora(lora_request)
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
-            raise InvalidInputError("score takes one PoolingParams object, not a list.", param="pooling_params")
+            raise InvalidInputError(
+                f"score's pooling_params must be one PoolingParams, not a {type(pooling_params).__name__}; "
+                "e.g. PoolingParams(use_activation=False).",
+                param="pooling_params",
+            )
         truncation = parse_truncation(
             tokenization_kwargs,
             max_model_len=self.model_config.max_model_len,
@@ -354,7 +365,22 @@ class LLM:
         """One validated, task-bound PoolingParams per prompt."""
         if given is None or isinstance(given, PoolingParams):
             return [self.model_config.bind_params(given or PoolingParams(), task)] * n
+        # NOTE: only a list or tuple: anything else iterable (a dict's keys, a string's characters)
+        # would be read as one entry per prompt and fail far from the cause.
+        if not isinstance(given, (list, tuple)):
+            raise InvalidInputError(
+                f"pooling_params must be a PoolingParams or a list of them (one per prompt), not a "
+                f"{type(given).__name__}; e.g. PoolingParams(use_activation=False).",
+                param="pooling_params",
+            )
         items = list(given)
+        wrong = next((i for i, p in enumerate(items) if not isinstance(p, PoolingParams)), None)
+        if wrong is not None:
+            raise InvalidInputError(
+                f"pooling_params[{wrong}] is a {type(items[wrong]).__name__}, not a PoolingParams; "
+                "e.g. PoolingParams(use_activation=False).",
+                param="pooling_params",
+            )
         if len(items) != n:
             raise InvalidInputError(f"The lengths of prompts ({n}) and params ({len(items)}) must be the same.")
         bound = {id(p): self.model_config.bind_params(p, task) for p in items}  # each distinct object once

@@ -8,7 +8,12 @@ Nothing downstream ever sees them.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import InitVar, dataclass
 from enum import Enum
 from typing import Any, Literal, get_args
@@ -74,9 +79,67 @@ def _parse_pooling_type(value: str | PoolingType | None, name: str) -> PoolingTy
         raise ConfigError(f"{name}={value!r} is not a pooling type; choose one of {options}.") from None
 
 
-def _merge_alias(canonical: Any, aliases: dict[str, Any], canonical_name: str) -> Any:
-    """Return the canonical value, taking a legacy alias if only the alias was set."""
-    given = {name: value for name, value in aliases.items() if value is not None}
+def _check_bool(value: Any, name: str) -> bool | None:
+    # NOTE: only a real bool: a string such as "false" is truthy and would silently mean True.
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidInputError(f"{name} must be a bool (True or False; JSON true or false), got {value!r}.", param=name)
+
+
+def _check_int(value: Any, name: str, *, minimum: int) -> int | None:
+    return None if value is None else _to_int(value, name, minimum=minimum)
+
+
+def _to_int(value: Any, name: str, *, minimum: int) -> int:
+    """An integer (numpy and 0-d torch integers too, as a Python int) of at least ``minimum``."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}.", param=name)
+    return number
+
+
+def _check_number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, numbers.Real) else float(value)
+    except OverflowError:  # an int beyond float's range
+        number = None
+    if number is None or not math.isfinite(number):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}.", param=name)
+    return number
+
+
+def _check_token_ids(value: Any, name: str) -> list[int] | None:
+    """A list or tuple of non-negative integers (output columns for STEP pooling)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise InvalidInputError(f"{name} must be a list of integers, got {value!r}.", param=name)
+    return [_to_int(v, f"{name}[{i}]", minimum=0) for i, v in enumerate(value)]
+
+
+def _check_task_or_none(value: Any, name: str) -> PoolingTask | None:
+    return None if value is None else check_task(value, param=name)
+
+
+@contextmanager
+def _as_config_errors() -> Iterator[None]:
+    """PoolerConfig shares PoolingParams' checks; in a model's configuration they are ConfigErrors."""
+    try:
+        yield
+    except InvalidInputError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _merge_alias(canonical: Any, aliases: dict[str, Any], canonical_name: str, check: Callable[[Any, str], Any]) -> Any:
+    """Return the canonical value, taking a legacy alias if only the alias was set. Each value is
+    first passed through ``check`` under the name the caller used."""
+    canonical = check(canonical, canonical_name)
+    given = {name: check(value, name) for name, value in aliases.items() if value is not None}
     if not given:
         return canonical
     names = ", ".join(f"`{n}`" for n in given)
@@ -128,27 +191,29 @@ class PoolerConfig:
         pooling_task: str | None,
     ) -> None:
         # NOTE: object.__setattr__ only during construction, to fold legacy aliases into the
-        # canonical fields; the object is immutable once __init__ returns.
+        # canonical fields and store checked values; the object is immutable once __init__ returns.
         setattr_ = object.__setattr__
-        use_activation = _merge_alias(
-            self.use_activation,
-            {"softmax": softmax, "activation": activation, "normalize": normalize},
-            "use_activation",
-        )
-        setattr_(self, "use_activation", use_activation)
-        setattr_(self, "logit_mean", _merge_alias(self.logit_mean, {"logit_bias": logit_bias}, "logit_mean"))
-        if logit_scale is not None:
-            if logit_scale == 0:
+        with _as_config_errors():
+            use_activation = _merge_alias(
+                self.use_activation,
+                {"softmax": softmax, "activation": activation, "normalize": normalize},
+                "use_activation",
+                _check_bool,
+            )
+            setattr_(self, "use_activation", use_activation)
+            mean = _merge_alias(self.logit_mean, {"logit_bias": logit_bias}, "logit_mean", _check_number)
+            setattr_(self, "logit_mean", mean)
+            scale = _check_number(logit_scale, "logit_scale")
+            if scale == 0:
                 raise ConfigError("logit_scale must not be 0.")
-            sigma = _merge_alias(self.logit_sigma, {"logit_scale": 1.0 / logit_scale}, "logit_sigma")
-            setattr_(self, "logit_sigma", sigma)
-        task = _merge_alias(self.task, {"pooling_task": pooling_task}, "task")
-        if task is not None:
-            try:
-                task = check_task(task)
-            except InvalidInputError as e:
-                raise ConfigError(str(e)) from None
-        setattr_(self, "task", task)
+            inverse = {"logit_scale": None if scale is None else 1.0 / scale}
+            setattr_(self, "logit_sigma", _merge_alias(self.logit_sigma, inverse, "logit_sigma", _check_number))
+            task = _merge_alias(self.task, {"pooling_task": pooling_task}, "task", _check_task_or_none)
+            setattr_(self, "task", task)
+            setattr_(self, "step_tag_id", _check_int(self.step_tag_id, "step_tag_id", minimum=0))
+            token_ids = _check_token_ids(self.returned_token_ids, "returned_token_ids")
+            setattr_(self, "returned_token_ids", None if token_ids is None else tuple(token_ids))
+            setattr_(self, "dimensions", _check_int(self.dimensions, "dimensions", minimum=1))
         for name in ("pooling_type", "seq_pooling_type", "tok_pooling_type"):
             setattr_(self, name, _parse_pooling_type(getattr(self, name), name))
         if self.pooling_type is not None:
@@ -162,8 +227,6 @@ class PoolerConfig:
             raise ConfigError(f"tok_pooling_type must be ALL or STEP, not {self.tok_pooling_type.value}.")
         if self.logit_sigma is not None and self.logit_sigma == 0:
             raise ConfigError("logit_sigma must not be 0.")
-        if self.returned_token_ids is not None:
-            setattr_(self, "returned_token_ids", tuple(self.returned_token_ids))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PoolerConfig:
@@ -202,17 +265,24 @@ class PoolingParams:
     normalize: InitVar[bool | None] = None
 
     def __post_init__(self, softmax: bool | None, activation: bool | None, normalize: bool | None) -> None:
-        # NOTE: object.__setattr__ only during construction (legacy alias folding), as in PoolerConfig.
+        # NOTE: object.__setattr__ only during construction (legacy alias folding, checked values),
+        # as in PoolerConfig.
+        setattr_ = object.__setattr__
         use_activation = _merge_alias(
             self.use_activation,
             {"softmax": softmax, "activation": activation, "normalize": normalize},
             "use_activation",
+            _check_bool,
         )
-        object.__setattr__(self, "use_activation", use_activation)
-        if self.task is not None:
-            object.__setattr__(self, "task", check_task(self.task))
-        if self.dimensions is not None and self.dimensions < 1:
-            raise InvalidInputError(f"dimensions must be at least 1, got {self.dimensions}.", param="dimensions")
+        setattr_(self, "use_activation", use_activation)
+        setattr_(self, "task", _check_task_or_none(self.task, "task"))
+        setattr_(self, "dimensions", _check_int(self.dimensions, "dimensions", minimum=1))
+        setattr_(self, "step_tag_id", _check_int(self.step_tag_id, "step_tag_id", minimum=0))
+        setattr_(self, "returned_token_ids", _check_token_ids(self.returned_token_ids, "returned_token_ids"))
+        if self.extra_kwargs is not None and not isinstance(self.extra_kwargs, dict):
+            raise InvalidInputError(
+                f"extra_kwargs must be a dict, got {type(self.extra_kwargs).__name__}.", param="extra_kwargs"
+            )
 
     def set_fields(self) -> list[str]:
         """Names of the task-specific parameters the user actually set."""

@@ -101,6 +101,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
     """Everything but the weights: model folder, configs, tokenizer. Fast; a server can route and
     tokenize with it while ``load_engine`` reads the weights."""
     device = resolve_device(args.device)
+    pooler_config = _pooler_config(args.pooler_config)
     path = resolve_model_path(args.model, revision=args.revision)
     check_model_folder(path)
     hf_config = load_hf_config(path, overrides=args.hf_overrides, trust_remote_code=args.trust_remote_code)
@@ -114,9 +115,6 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         args.tokenizer or path, trust_remote_code=args.trust_remote_code, revision=args.revision
     )
     tokenizers = TokenizerGroup(hf_tokenizer)
-    pooler_config = (
-        PoolerConfig.from_dict(args.pooler_config) if isinstance(args.pooler_config, dict) else args.pooler_config
-    )
     quantization = _quantization(args.quantization, device)
     model_config = ModelConfig.create(
         args.model,
@@ -179,6 +177,18 @@ def load_engine(
     )
     logger.info("Loaded %s: %s, in %.1fs", model_config.model, config.describe(), time.perf_counter() - started)
     return Engine(config, inputs, EngineCore(scheduler, runner, cpu=cpu, on_step=on_step))
+
+
+def _pooler_config(value: Any) -> PoolerConfig | None:
+    """A PoolerConfig, or its fields as a dict (JSON, ``--pooler-config``)."""
+    if value is None or isinstance(value, PoolerConfig):
+        return value
+    if isinstance(value, dict):
+        return PoolerConfig.from_dict(value)
+    raise ConfigError(
+        f"pooler_config must be a PoolerConfig or a dict of its fields, not a {type(value).__name__} "
+        f'({value!r}); e.g. PoolerConfig(pooling_type="CLS") or {{"pooling_type": "CLS"}}.'
+    )
 
 
 def _quantization(value: str | None, device: torch.device) -> str | None:

@@ -7,6 +7,8 @@ engine, so a bad prompt never produces a partial answer.
 from __future__ import annotations
 
 import logging
+import operator
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +49,8 @@ class TruncationOptions:
 
 
 def parse_prompts(prompts: Any) -> list[Prompt]:
-    """Accept str, {"prompt": str}, {"prompt_token_ids": [int]} or a list of those."""
+    """Accept str, {"prompt": str}, {"prompt_token_ids": [int]} or a list of those (token ids may be
+    numpy or torch integers, or a 1-D array or tensor)."""
     items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
     if not items:
         raise InvalidInputError("You must pass at least one prompt", param="input")
@@ -59,14 +62,42 @@ def _parse_one(item: Any, index: int) -> Prompt:
         return item
     if isinstance(item, Mapping):
         if "prompt_token_ids" in item:
-            ids = item["prompt_token_ids"]
-            if isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                return list(ids)
-        elif isinstance(item.get("prompt"), str):
+            return _token_ids(item["prompt_token_ids"], index)
+        if isinstance(item.get("prompt"), str):
             return str(item["prompt"])
     raise InvalidInputError(
         f"Prompt {index} has an unsupported form ({type(item).__name__}); pass a str, "
         '{"prompt": str} or {"prompt_token_ids": [int, ...]}.',
+        param="input",
+    )
+
+
+def _token_ids(ids: Any, index: int) -> list[int]:
+    """``prompt_token_ids`` as Python ints: a list or tuple of integers (numpy and torch integers
+    too), or a 1-D numpy array or torch tensor of them."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):  # numpy array, torch tensor
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidInputError(
+            f"Prompt {index}: prompt_token_ids must be a list of ints, got {type(ids).__name__}.", param="input"
+        )
+    if all(type(t) is int for t in ids):  # the common case, without a call per token
+        return list(ids)
+    return [_token_id(t, index, i) for i, t in enumerate(ids)]
+
+
+def _token_id(value: Any, index: int, position: int) -> int:
+    # NOTE: .tolist() unwraps numpy and torch scalars first, so that a bool stays a bool (and is
+    # refused): operator.index reads torch.tensor(True) as 1.
+    plain = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(plain, bool):
+        try:
+            return operator.index(plain)
+        except TypeError:
+            pass
+    raise InvalidInputError(
+        f"Prompt {index}: prompt_token_ids[{position}] is {reprlib.repr(value)} ({type(value).__name__}), "
+        "not an integer token id.",
         param="input",
     )
 
