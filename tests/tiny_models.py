@@ -117,13 +117,15 @@ def _roberta_tokenizer(folder: Path) -> Any:
 
 _FAMILIES: dict[str, dict[str, Any]] = {
     "bert": {"config": "BertConfig", "prefix": "Bert", "tokenizer": "bert"},
-    "roberta": {"config": "RobertaConfig", "prefix": "Roberta", "tokenizer": "roberta"},
-    "xlm-roberta": {"config": "XLMRobertaConfig", "prefix": "XLMRoberta", "tokenizer": "roberta"},
+    "roberta": {"config": "RobertaConfig", "prefix": "Roberta", "tokenizer": "roberta", "offset": True},
+    "xlm-roberta": {"config": "XLMRobertaConfig", "prefix": "XLMRoberta", "tokenizer": "roberta", "offset": True},
     "electra": {"config": "ElectraConfig", "prefix": "Electra", "tokenizer": "bert"},
     "distilbert": {"config": "DistilBertConfig", "prefix": "DistilBert", "tokenizer": "bert"},
     "gpt2": {"config": "GPT2Config", "prefix": "GPT2", "tokenizer": "bert", "no_pad": True},
     # Fallback families (no native implementation in winnow). GPT-Neo: a decoder without a pad token.
     "albert": {"config": "AlbertConfig", "prefix": "Albert", "tokenizer": "bert"},
+    # RoBERTa's code under another name: positions offset by the pad id, as RoBERTa's.
+    "camembert": {"config": "CamembertConfig", "prefix": "Camembert", "tokenizer": "roberta", "offset": True},
     "gpt-neo": {"config": "GPTNeoConfig", "prefix": "GPTNeo", "tokenizer": "bert", "no_pad": True},
 }
 _HEADS = {"seq": "ForSequenceClassification", "tok": "ForTokenClassification", "base": "Model"}
@@ -133,6 +135,7 @@ def _config(family: str, vocab_size: int, pad_token_id: int, num_labels: int, ex
     import transformers
 
     cfg_cls = getattr(transformers, _FAMILIES[family]["config"])
+    offset = _FAMILIES[family].get("offset", False)
     if family == "distilbert":
         base = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4, "max_position_embeddings": 64}
     elif family == "gpt2":
@@ -155,8 +158,8 @@ def _config(family: str, vocab_size: int, pad_token_id: int, num_labels: int, ex
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "intermediate_size": 64,
-            "max_position_embeddings": 64 + (pad_token_id + 1 if "roberta" in family else 0),
-            "type_vocab_size": 1 if "roberta" in family else 2,
+            "max_position_embeddings": 64 + (pad_token_id + 1 if offset else 0),
+            "type_vocab_size": 1 if offset else 2,
         }
         if family == "electra":
             base["embedding_size"] = 16

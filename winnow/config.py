@@ -49,6 +49,11 @@ _ST_POOLING_KEYS = {
 }
 _ST_POOLING_NAMES = {"cls": PoolingType.CLS, "mean": PoolingType.MEAN, "lasttoken": PoolingType.LAST}
 _ST_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+# Fallback model types with RoBERTa's position ids, which start after the pad id: a checkpoint's
+# max_position_embeddings (514) holds pad_token_id + 1 positions no prompt can use (512 usable).
+_PAD_OFFSET_POSITIONS = frozenset(
+    {"camembert", "mpnet", "longformer", "data2vec-text", "xmod", "roberta-prelayernorm", "ibert", "markuplm"}
+)
 _PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 HFOverrides = Mapping[str, Any] | Callable[[Any], Any]
@@ -525,6 +530,8 @@ def _max_model_len(
         positions = int(
             getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None) or 0
         )
+        if positions and getattr(hf_config, "model_type", None) in _PAD_OFFSET_POSITIONS:
+            positions -= int(getattr(hf_config, "pad_token_id", None) or 0) + 1
     limit = positions or tokenizer_max_length or 512
     if tokenizer_max_length and tokenizer_max_length < 1_000_000:
         limit = min(limit, tokenizer_max_length)

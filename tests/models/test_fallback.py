@@ -134,3 +134,21 @@ def test_bare_decoder_embeds_with_its_last_token(make_model, make_llm, hf_refere
         with torch.no_grad():
             ref = model(**tok(prompt, return_tensors="pt")).last_hidden_state[0, -1]
         torch.testing.assert_close(torch.tensor(got.outputs.embedding), ref, atol=1e-4, rtol=0)
+
+
+def test_a_roberta_like_fallback_cannot_take_its_unusable_positions(make_model, make_llm, hf_reference):
+    """CamemBERT (RoBERTa's code, not native here) numbers positions after the pad id: of its 64 +
+    pad_id + 1 position embeddings, 64 are usable. A prompt of 64 tokens matches transformers; one of
+    65 is refused up front (transformers would fail with an IndexError inside the embedding)."""
+    path = make_model("camembert", "seq", num_labels=2)
+    llm = make_llm(path)
+    assert not llm.model_config.entry.is_native
+    assert llm.model_config.max_model_len == 64
+    longest = {"prompt_token_ids": [0] + [5] * 62 + [2]}
+    [got] = llm.classify(longest, pooling_params=RAW, use_tqdm=False)
+    model, _ = hf_reference(path, "seq")
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([longest["prompt_token_ids"]])).logits[0]
+    torch.testing.assert_close(torch.tensor(got.outputs.probs), ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.classify({"prompt_token_ids": [0] + [5] * 63 + [2]}, use_tqdm=False)
