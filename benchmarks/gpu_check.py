@@ -77,6 +77,10 @@ def _parity_cases(root: Path) -> list[tuple[str, str, Path]]:
             folder = root / f"{family}-{head}"
             folder.mkdir()
             cases.append((family, head, build_decoder(folder, family, head, num_labels=3)))
+    # Causal sliding windows through the variable-length kernel (window (W, 0)): every layer.
+    folder = root / "mistral-window-seq"
+    folder.mkdir()
+    cases.append(("mistral-w6", "seq", build_decoder(folder, "mistral", "seq", num_labels=3, sliding_window=6)))
     cases += [("deberta-v3", h, build_deberta(root, h, "v3", num_labels=3)) for h in ("seq", "tok")]
     for head in ("seq", "tok"):
         folder = root / f"modernbert-{head}"
@@ -125,41 +129,56 @@ def hf_half_error(auto: Any, path: Path, tok: Any, refs: list[torch.Tensor], dty
 
 def parity(root: Path, device: str) -> list[str]:
     """float32: max abs logit diff <= 1e-4 against transformers in float32 (CPU). ``auto`` (bf16):
-    probabilities within 2e-2, or within transformers' own error in that dtype where it is larger."""
+    probabilities within 2e-2, or within 1.5x transformers' own error in that dtype where it is larger.
+    A family that raises is reported as ERROR and the others still run."""
+    lines = []
+    for family, head, path in _parity_cases(root):
+        try:
+            lines += _parity_case(family, head, path, device)
+        except Exception as exc:
+            lines.append(f"parity {family:12s} {head} ERROR {type(exc).__name__}: {exc}")
+            print(lines[-1], flush=True)
+            traceback.print_exc()
+    return lines
+
+
+def _parity_case(family: str, head: str, path: Path, device: str) -> list[str]:
+    """Both dtypes of one tiny model."""
     import transformers
 
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if head == "seq"
+        else transformers.AutoModelForTokenClassification
+    )
+    ref_model = auto.from_pretrained(path, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
     lines = []
-    raw = PoolingParams(use_activation=False)
-    for family, head, path in _parity_cases(root):
-        auto = (
-            transformers.AutoModelForSequenceClassification
-            if head == "seq"
-            else transformers.AutoModelForTokenClassification
+    for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
+        llm = LLM(str(path), device=device, dtype=dtype)
+        task: PoolingTask = "classify" if head == "seq" else "token_classify"
+        params = PoolingParams(use_activation=False) if dtype == "float32" else None
+        outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
+        sync(device)  # an asynchronous CUDA error surfaces here, against this family
+        worst = 0.0
+        for ref, out in zip(refs, outs):
+            expected = ref if dtype == "float32" else torch.softmax(ref, -1)
+            worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
+        bound, theirs = atol, ""
+        if dtype != "float32" and worst > atol:
+            # Its own rounding, with a margin: the two run different kernels (flash varlen against
+            # transformers' eager attention), each rounding in its own places.
+            hf_error = hf_half_error(auto, path, tok, refs, llm.model_config.dtype, device)
+            bound, theirs = max(atol, 1.5 * hf_error), f", 1.5 x transformers' own {hf_error:.2e}"
+        status = "ok" if worst <= bound else "FAIL"
+        syncs = launch_syncs(llm, task)
+        lines.append(
+            f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
+            f"(atol {atol:g}{theirs}) {status}; host syncs in launch: {syncs}"
         )
-        ref_model = auto.from_pretrained(path, attn_implementation="eager").eval()
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-        with torch.no_grad():
-            refs = [ref_model(**tok(p, return_tensors="pt")).logits[0] for p in PROMPTS]
-        for dtype, atol in (("float32", 1e-4), ("auto", 2e-2)):
-            llm = LLM(str(path), device=device, dtype=dtype)
-            task: PoolingTask = "classify" if head == "seq" else "token_classify"
-            params = raw if dtype == "float32" else None
-            outs = llm.encode(PROMPTS, params, pooling_task=task, use_tqdm=False)
-            worst = 0.0
-            for ref, out in zip(refs, outs):
-                expected = ref if dtype == "float32" else torch.softmax(ref, -1)
-                worst = max(worst, (out.outputs.data.float() - expected).abs().max().item())
-            bound, theirs = atol, ""
-            if dtype != "float32" and worst > atol:
-                hf_error = hf_half_error(auto, path, tok, refs, llm.model_config.dtype, device)
-                bound, theirs = max(atol, hf_error), f", transformers' own {hf_error:.2e}"
-            status = "ok" if worst <= bound else "FAIL"
-            syncs = launch_syncs(llm, task)
-            lines.append(
-                f"parity {family:12s} {head} {llm.model_config.dtype!s:15s} max|diff| {worst:.2e} "
-                f"(atol {atol:g}{theirs}) {status}; host syncs in launch: {syncs}"
-            )
-            print(lines[-1], flush=True)
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -287,12 +306,23 @@ def latency(root: Path, tokenizer_dir: str, device: str) -> list[str]:
     else:
         status = f"captured for {captured.sizes}" if captured else "NOT captured (see the warning)"
     lines = [f"cuda graphs: {status}"]
-    texts = [" ".join(["word"] * n) for n in (3, 10, 30, 70, 150, 300)]  # 5 of 6 fit a graph; 300 runs eagerly
+    texts = [" ".join(["word"] * n) for n in (3, 10, 30, 70, 150, 300)]  # ~5 to ~302 tokens
+    # Each text alone replays its own bucket (16 to 512 tokens); the first five together (~273
+    # tokens) replay one bucket with several sequences and the filler; all six (~575 tokens) are
+    # more than the largest bucket and run eagerly.
+    calls = [[t] for t in texts] + [texts[:5], texts]
+    replays = captured.replays if captured else 0
     worst = max(
         max(abs(x - y) for x, y in zip(a.outputs.probs, b.outputs.probs))
-        for a, b in zip(systems["eager"].classify(texts, use_tqdm=False), graphs.classify(texts, use_tqdm=False))
+        for call in calls
+        for a, b in zip(systems["eager"].classify(call, use_tqdm=False), graphs.classify(call, use_tqdm=False))
     )
-    lines.append(f"{label} vs eager, 6 mixed prompts: max|diff| {worst:.2e} {'ok' if worst <= 2e-2 else 'FAIL'}")
+    replayed = (captured.replays - replays) if captured else 0
+    ok = worst <= 2e-2 and (device != "cuda" or replayed >= len(calls) - 1)
+    lines.append(
+        f"{label} vs eager, {len(calls)} calls ({replayed} replayed a graph): max|diff| {worst:.2e} "
+        f"{'ok' if ok else 'FAIL'}"
+    )
     prompt = {"prompt_token_ids": [101, *range(2000, 2030), 102]}  # 32 tokens
     for label, llm in systems.items():
         for _ in range(10):

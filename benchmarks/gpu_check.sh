@@ -7,4 +7,6 @@ tok="${1:?usage: benchmarks/gpu_check.sh TOKENIZER_DIR [--num-prompts N] [--repe
 shift
 # TOKENIZERS_PARALLELISM is left to gpu_check.py: on for a GPU run, off for --device cpu.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Nothing may reach for the network (the GPU machine has none; a hub call would hang, then fail).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec python3 benchmarks/gpu_check.py --tokenizer-dir "$tok" "$@"

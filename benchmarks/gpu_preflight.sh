@@ -4,6 +4,7 @@
 # device tool's KINDS.md), on this CPU. Version drift shows up here instead of on the GPU: torch
 # 2.11's varlen_attn took no enable_gqa argument, so every flash-attention call there would have
 # failed. Takes ~5 GB (torch's CUDA wheel and its libraries) and ~10 minutes on 2 cores.
+# Run it here, before asking for the device; not on the GPU machine (it installs from PyPI).
 # Usage: benchmarks/gpu_preflight.sh [VENV_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -140,8 +140,13 @@ def load_hf_config(path: Path, *, overrides: HFOverrides | None, trust_remote_co
     if "id2label" in values:
         config.id2label = _override_id2label(values.pop("id2label"), num_labels)
         config.label2id = {v: k for k, v in config.id2label.items()}
+    if "problem_type" in values:
+        _check_problem_type(values["problem_type"])
     for key, value in values.items():
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # newer transformers configs validate their fields (strict dataclasses)
+            raise ConfigError(f"hf_overrides {key}={value!r} is refused by the model's config: {e}") from e
     return config
 
 
@@ -179,6 +184,13 @@ def _label_index(key: Any) -> int | None:
     if isinstance(key, str) and key.isascii() and key.isdigit():  # JSON object keys are strings
         return int(key)
     return None
+
+
+def _check_problem_type(problem: Any) -> Any:
+    # Unchecked, a misspelt problem_type (hf_overrides) silently fell back to the default activation.
+    if problem is not None and problem not in _PROBLEM_TYPES:
+        raise ConfigError(f"problem_type={problem!r} is not one of {', '.join(_PROBLEM_TYPES)}.")
+    return problem
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -240,10 +252,7 @@ def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:
 
 def resolve_activation(hf_config: Any) -> Activation:
     """Classifier activation, chosen from problem_type, then a sentence-transformers config (spec §3.3)."""
-    problem = getattr(hf_config, "problem_type", None)
-    if problem is not None and problem not in _PROBLEM_TYPES:
-        # Unchecked, a misspelt problem_type (hf_overrides) silently fell back to the default activation.
-        raise ConfigError(f"problem_type={problem!r} is not one of {', '.join(_PROBLEM_TYPES)}.")
+    problem = _check_problem_type(getattr(hf_config, "problem_type", None))
     if problem == "regression":
         return Activation("identity")
     if problem == "single_label_classification":

@@ -34,7 +34,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
 from winnow.layers.linear import linear_act, linear_add
-from winnow.runner.batch import AttentionGroup, Batch, take_rows
+from winnow.runner.batch import AttentionGroup, Batch, take_rows, to_device
 
 
 def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -301,8 +301,10 @@ class DebertaV2Encoder(nn.Module):
         device = batch.input_ids.device
         # Column e of a group of length L is distance L - 1 - e: indices n + L - 2 down to n - L.
         spans = [slice(n - g.max_len, n + g.max_len - 1) for g in batch.attn_groups]
-        c2p = tuple((c2p_row[s].flip(0) - lo).to(device) for s in spans)  # [2L - 1] each
-        p2c = tuple((p2c_row[s].flip(0) - lo).to(device) for s in spans)  # [2L - 1] each
+        # Uploaded through pinned memory: a copy from pageable memory would block the host until
+        # the previous batch finished on a GPU (runner/batch.to_device).
+        c2p = tuple(to_device((c2p_row[s].flip(0) - lo).numpy(), device) for s in spans)  # [2L - 1] each
+        p2c = tuple(to_device((p2c_row[s].flip(0) - lo).numpy(), device) for s in spans)  # [2L - 1] each
         return RelativePositions(slice(lo, hi + 1), c2p, p2c)
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -104,6 +104,7 @@ class CudaGraphs:
     def __init__(self, graphs: dict[int, tuple[torch.cuda.CUDAGraph, GraphBuffers, torch.Tensor]]) -> None:
         self._graphs = graphs
         self.sizes = tuple(sorted(graphs))
+        self.replays = 0  # batches served by a graph (benchmarks/gpu_check.py checks graphs really ran)
 
     def fits(self, batch: Batch) -> bool:
         return bucket_for(batch.num_tokens, self.sizes) is not None
@@ -117,6 +118,7 @@ class CudaGraphs:
         graph, buffers, out = self._graphs[size]
         buffers.load(batch)
         graph.replay()
+        self.replays += 1
         return out[: batch.num_tokens]
 
     @classmethod
@@ -133,13 +135,22 @@ class CudaGraphs:
         each against the eager forward on sequences of at most ``max_len`` tokens (the model's
         length); None, with a warning, if anything fails."""
         try:
-            graphs = _capture_all(model, device, capture_sizes(max_tokens))
-            captured = cls(graphs)
-            for size in captured.sizes:
-                _check_bucket(captured, model, device, size, vocab_size=vocab_size, max_len=max_len)
+            # The device made current (torch.cuda.graph's capture stream belongs to the current
+            # device) and this thread's stream restored on every path, a failed capture included.
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+                graphs = _capture_all(model, device, capture_sizes(max_tokens))
+                captured = cls(graphs)
+                for size in captured.sizes:
+                    _check_bucket(captured, model, device, size, vocab_size=vocab_size, max_len=max_len)
+                captured.replays = 0
         except Exception as exc:  # capture failures surface as many exception types
+            # With the traceback: a failed capture's own message ("operation not permitted when
+            # stream is capturing") names the first op that broke it only there.
             logger.warning(
-                "CUDA graphs are off: %s: %s. The eager forward serves every batch.", type(exc).__name__, exc
+                "CUDA graphs are off: %s: %s. The eager forward serves every batch.",
+                type(exc).__name__,
+                exc,
+                exc_info=True,
             )
             return None
         logger.info("CUDA graphs captured for %s tokens", ", ".join(map(str, captured.sizes)))

@@ -151,7 +151,9 @@ class ModelRunner:
             return Launched(order, batch, params, pooled.to_host(), None)
         ready = torch.cuda.Event()
         host = pooled.to_host(non_blocking=True)
-        ready.record()
+        # On the model's device's stream: a bare record() uses the *current* device's, which for
+        # device="cuda:1" would be cuda:0's, and collect would read the copy before it lands.
+        ready.record(torch.cuda.current_stream(self.device))
         return Launched(order, batch, params, host, ready)
 
     @torch.inference_mode()
