@@ -213,3 +213,66 @@ def test_openai_embeddings_base64(embedder, embedder_llm):
 def test_openai_embeddings_dimensions_on_a_non_matryoshka_model(embedder):
     response = embedder.post("/v1/embeddings", {"input": "hi", "dimensions": 8})
     assert_error(response, 400, "BadRequestError", "matryoshka")
+
+
+# -- /v2/embed (Cohere Embed v2) ----------------------------------------------------------------------------
+
+
+def test_cohere_embed_float_and_base64(embedder, embedder_llm):
+    expected = embedder_llm.embed(TEXTS, use_tqdm=False)
+    body = embedder.ok("/v2/embed", {"model": "embedder", "texts": TEXTS, "embedding_types": ["float", "base64"]})
+    assert set(body) == {"id", "embeddings", "texts", "meta", "response_type"}
+    assert body["id"].startswith("embd-") and body["response_type"] == "embeddings_by_type"
+    assert body["texts"] == TEXTS and set(body["embeddings"]) == {"float", "base64"}
+    num_tokens = sum(len(o.prompt_token_ids) for o in expected)
+    assert body["meta"] == {"api_version": {"version": "2"}, "billed_units": {"input_tokens": num_tokens}}
+    for got, packed, out in zip(body["embeddings"]["float"], body["embeddings"]["base64"], expected):
+        assert_close(got, out.outputs.embedding)
+        assert_close(np.frombuffer(base64.b64decode(packed), dtype="<f4"), out.outputs.embedding)
+    assert embedder.ok("/v2/embed", {"texts": TEXTS})["embeddings"].keys() == {"float"}  # the default type
+
+
+def test_cohere_embed_binary_types_are_sentence_transformers_quantization(embedder, embedder_llm):
+    try:
+        from sentence_transformers.util.quantization import quantize_embeddings
+    except ImportError:  # sentence-transformers before 5.x
+        from sentence_transformers.quantization import quantize_embeddings
+
+    floats = np.array([o.outputs.embedding for o in embedder_llm.embed(TEXTS, use_tqdm=False)])
+    body = embedder.ok("/v2/embed", {"texts": TEXTS, "embedding_types": ["binary", "ubinary"]})
+    assert body["embeddings"]["binary"] == quantize_embeddings(floats, precision="binary").tolist()
+    assert body["embeddings"]["ubinary"] == quantize_embeddings(floats, precision="ubinary").tolist()
+    assert len(body["embeddings"]["ubinary"][0]) == floats.shape[1] // 8
+
+
+@pytest.mark.parametrize(("truncate", "side"), [("END", "right"), ("START", "left")])
+def test_cohere_embed_truncate_cuts_the_named_end(embedder, embedder_llm, truncate, side):
+    long_text = " ".join(TEXTS * 20)  # longer than max_model_len
+    [expected] = embedder_llm.embed(
+        long_text, tokenization_kwargs={"truncate_prompt_tokens": -1, "truncation_side": side}, use_tqdm=False
+    )
+    body = embedder.ok("/v2/embed", {"texts": [long_text], "truncate": truncate})
+    assert_close(body["embeddings"]["float"][0], expected.outputs.embedding)
+    short = embedder.ok("/v2/embed", {"texts": [long_text], "truncate": truncate, "max_tokens": 5})
+    assert short["meta"]["billed_units"]["input_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "contains"),
+    [
+        ({"texts": [" ".join(TEXTS * 20)], "truncate": "NONE"}, "Please reduce the length of the input prompt"),
+        ({"texts": ["hi"], "embedding_types": ["int8"]}, "calibration"),
+        ({"texts": ["hi"], "images": ["data:image/png;base64,AAAA"]}, "text-only"),
+        ({"texts": []}, "texts"),
+        ({"texts": ["hi"], "embedding_types": ["float32"]}, "embedding_types"),
+        ({"texts": ["hi"], "output_dimension": 8}, "matryoshka"),
+    ],
+    ids=["too-long", "int8", "images", "no-texts", "bad-type", "dimension"],
+)
+def test_cohere_embed_refusals(embedder, body, contains):
+    assert_error(embedder.post("/v2/embed", body), 400, contains=contains)
+    embedder.assert_serving()
+
+
+def test_cohere_embed_is_for_embedding_models_only(classifier):
+    assert classifier.post("/v2/embed", {"texts": ["hi"]}).status_code == 404

@@ -1,7 +1,7 @@
 """``create_app``: the FastAPI application for one model. Thin: routes parse, call the engine, render.
 
 Routes are registered by what the model can do (spec §6.1): /classify for classifiers, /score and
-/rerank for 1-label classifiers and embedding models, /v1/embeddings for embedding models;
+/rerank for 1-label classifiers and embedding models, /v1/embeddings and /v2/embed for embedding models;
 /pooling, /tokenize, /detokenize, /v1/models, /health, /ping, /version, /metrics and /invocations
 always. The weights load in the background after start-up; until then inference answers 503.
 """

@@ -100,6 +100,29 @@ class EmbeddingRequest(_ActivationRequest):
     add_special_tokens: bool = True
 
 
+CohereEmbeddingType = Literal["float", "base64", "binary", "ubinary", "int8", "uint8"]
+_FLOAT_ONLY: tuple[CohereEmbeddingType, ...] = ("float",)
+
+
+class CohereEmbedRequest(_Request):
+    """Cohere Embed v2 (``/v2/embed``), text only."""
+
+    texts: list[str] = Field(min_length=1)
+    input_type: Literal["search_document", "search_query", "classification", "clustering"] | None = None
+    embedding_types: list[CohereEmbeddingType] = Field(default_factory=lambda: list(_FLOAT_ONLY), min_length=1)
+    truncate: Literal["NONE", "START", "END"] = "END"
+    output_dimension: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    images: list[Any] | None = None
+    inputs: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> CohereEmbedRequest:
+        if self.images or self.inputs:
+            raise ValueError("This is a text-only model: send `texts`, not `images` or `inputs`.")
+        return self
+
+
 class _ScoreOptions(_ActivationRequest):
     max_tokens_per_query: int = Field(0, ge=0)
     max_tokens_per_doc: int = Field(0, ge=0)
@@ -260,6 +283,14 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingData]
     usage: dict[str, int]
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: dict[str, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str]
+    meta: dict[str, Any]
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
 
 
 class TokenizeResponse(BaseModel):

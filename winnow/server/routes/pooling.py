@@ -1,4 +1,5 @@
-"""POST /pooling (any task the model serves) and POST /v1/embeddings (OpenAI shape, embedding models)."""
+"""POST /pooling (any task the model serves), and for embedding models POST /v1/embeddings (OpenAI
+shape) and POST /v2/embed (Cohere Embed v2)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,24 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 
 from winnow.errors import InvalidInputError, UnsupportedTaskError
+from winnow.inputs.prompts import parse_truncation
 from winnow.params import PoolingParams, check_task
 from winnow.server.json_body import JSONRoute
-from winnow.server.protocol import EmbeddingRequest, EmbeddingResponse, PoolingRequest, PoolingResponse
+from winnow.server.protocol import (
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    PoolingRequest,
+    PoolingResponse,
+)
 from winnow.server.serving import FastJSONResponse, get_state, list_body, prompts_of, tokenize_body, truncation_of
 
 router = APIRouter(tags=["pooling"], route_class=JSONRoute)
@@ -100,6 +110,58 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONRespo
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         }
     )
+
+
+@embeddings_router.post("/v2/embed", response_model=CohereEmbedResponse)
+async def cohere_embed(body: CohereEmbedRequest, http: HTTPRequest) -> FastJSONResponse:
+    """Cohere's Embed v2: ``texts`` in, ``embeddings`` by type out (float, base64, binary, ubinary)."""
+    state = get_state(http)
+    state.check_model(body.model)
+    config = state.model_config
+    config.check_task("embed")
+    calibrated = sorted({"int8", "uint8"} & set(body.embedding_types))
+    if calibrated:
+        raise InvalidInputError(
+            f"embedding_types {calibrated} need per-dimension calibration ranges, which a served model does "
+            "not have; ask for float, base64, binary or ubinary.",
+            param="embedding_types",
+        )
+    params = config.bind_params(PoolingParams(dimensions=body.output_dimension), "embed")
+    # truncate END / START: cut the end / the start to fit (max_tokens, else max_model_len); NONE: refuse.
+    options = parse_truncation(
+        {
+            "truncate_prompt_tokens": None if body.truncate == "NONE" else (body.max_tokens or -1),
+            "truncation_side": "left" if body.truncate == "START" else "right",
+        },
+        max_model_len=config.max_model_len,
+    )
+    async with state.admission():
+        prompts = await state.off_loop(state.inputs.process, list(body.texts), options)
+        outputs = await state.run(http, prompts, [params] * len(prompts))
+    return FastJSONResponse(
+        {
+            "id": state.response_id("embd", http, body.request_id),
+            "embeddings": {kind: _cohere_embeddings(outputs, kind) for kind in dict.fromkeys(body.embedding_types)},
+            "texts": body.texts,
+            "meta": {
+                "api_version": {"version": "2"},
+                "billed_units": {"input_tokens": sum(len(p.token_ids) for p in prompts)},
+            },
+            "response_type": "embeddings_by_type",
+        }
+    )
+
+
+def _cohere_embeddings(outputs: list[torch.Tensor], kind: str) -> list[Any]:
+    """One embedding type for every text. binary / ubinary: one bit per dimension (positive = 1),
+    packed 8 to a byte, as signed (value - 128) or unsigned ints: sentence-transformers'
+    ``quantize_embeddings`` and Cohere's encoding."""
+    if kind == "float":
+        return [out.tolist() for out in outputs]
+    if kind == "base64":
+        return [_b64(out, "float32", "little") for out in outputs]
+    bits = np.packbits(torch.stack(outputs).float().numpy() > 0, axis=-1)  # [num_texts, ceil(dim / 8)] uint8
+    return (bits.astype(np.int16) - 128).tolist() if kind == "binary" else bits.tolist()
 
 
 def _raw_bytes(tensor: torch.Tensor, embed_dtype: str, endianness: str) -> bytes:
