@@ -15,7 +15,7 @@ import torch
 
 from winnow.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedTaskError
 from winnow.layers.linear import cpu_has_fast
-from winnow.layers.pooling import Activation, PoolerSpec
+from winnow.layers.pooling import HeadActivation, PoolerSpec
 from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
 from winnow.params import (
@@ -250,21 +250,21 @@ def _resolve_head_dtype(hf_config: Any, dtype: torch.dtype) -> torch.dtype:
     raise ConfigError(f"head_dtype={value!r} is not supported; use model, float32, float16 or bfloat16.")
 
 
-def resolve_activation(hf_config: Any) -> Activation:
+def resolve_activation(hf_config: Any) -> HeadActivation:
     """Classifier activation, chosen from problem_type, then a sentence-transformers config (spec §3.3)."""
     problem = _check_problem_type(getattr(hf_config, "problem_type", None))
     if problem == "regression":
-        return Activation("identity")
+        return HeadActivation("identity")
     if problem == "single_label_classification":
-        return Activation("classify")
+        return HeadActivation("classify")
     if problem == "multi_label_classification":
-        return Activation("sigmoid")
+        return HeadActivation("sigmoid")
     st = getattr(hf_config, "sentence_transformers", None)
     path = st.get("activation_fn") if isinstance(st, Mapping) else None
     path = path or getattr(hf_config, "sbert_ce_default_activation_function", None)
     if path:
-        return Activation.from_st_path(str(path))
-    return Activation("classify")
+        return HeadActivation.from_st_path(str(path))
+    return HeadActivation("classify")
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ class ModelConfig:
             return "late-interaction"
         return None
 
-    def check_task(self, task: PoolingTask) -> None:
+    def require_task(self, task: PoolingTask) -> None:
         """Refuse a task this instance does not serve, with vLLM's advice on what to change."""
         supported = self.supported_tasks
         if task in EMBED_TASKS and not EMBED_TASKS & set(supported):

@@ -178,7 +178,7 @@ class LLM:
                 param="pooling_task",
             )
         task = check_task(pooling_task, param="pooling_task")
-        self.model_config.check_task(task)
+        self.model_config.require_task(task)
         _reject_lora(lora_request)
         parsed = parse_prompts(prompts)
         params = self._bind_params(pooling_params, task, len(parsed))

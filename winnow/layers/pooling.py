@@ -31,7 +31,7 @@ _ST_MODULE_PREFIX = "torch.nn.modules."
 
 
 @dataclass(frozen=True)
-class Activation:
+class HeadActivation:
     """A classifier activation chosen once per model (spec §3.3).
 
     ``classify``: sigmoid for one output column, softmax over columns otherwise.
@@ -42,7 +42,7 @@ class Activation:
     module_path: str | None = None
 
     @staticmethod
-    def from_st_path(path: str) -> Activation:
+    def from_st_path(path: str) -> HeadActivation:
         """Map a sentence-transformers ``activation_fn`` class path; only torch.nn.modules is allowed."""
         if not path.startswith(_ST_MODULE_PREFIX):
             raise ModelLoadError(
@@ -50,10 +50,10 @@ class Activation:
             )
         name = path.rsplit(".", 1)[-1]
         if name == "Identity":
-            return Activation("identity")
+            return HeadActivation("identity")
         if name in ("Sigmoid", "Softmax"):
-            return Activation("classify")
-        return Activation("module", path)
+            return HeadActivation("classify")
+        return HeadActivation("module", path)
 
     def build(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.kind == "identity":
@@ -106,7 +106,7 @@ class PoolerSpec:
 
     seq_pooling: PoolingType
     tok_pooling: PoolingType
-    activation: Activation
+    activation: HeadActivation
     use_activation: bool  # default when a request leaves use_activation unset
     logit_mean: float | None
     logit_sigma: float | None

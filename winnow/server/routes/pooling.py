@@ -53,7 +53,7 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         raise UnsupportedTaskError(
             f"Unsupported task: {task!r} Supported tasks: {config.supported_tasks}", param="task"
         )
-    config.check_task(task)
+    config.require_task(task)
     params = config.bind_params(PoolingParams(use_activation=body.use_activation_value()), task)
     async with state.admission():
         prompts = await tokenize_body(state, body)
@@ -83,7 +83,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONRespo
     state = get_state(http)
     state.check_model(body.model)
     config = state.model_config
-    config.check_task("embed")
+    config.require_task("embed")
     params = config.bind_params(
         PoolingParams(use_activation=body.use_activation_value(), dimensions=body.dimensions), "embed"
     )
@@ -118,7 +118,7 @@ async def cohere_embed(body: CohereEmbedRequest, http: HTTPRequest) -> FastJSONR
     state = get_state(http)
     state.check_model(body.model)
     config = state.model_config
-    config.check_task("embed")
+    config.require_task("embed")
     calibrated = sorted({"int8", "uint8"} & set(body.embedding_types))
     if calibrated:
         raise InvalidInputError(
