@@ -31,7 +31,7 @@ def parse_json(body: bytes) -> Any:
 _HINT = "Send UTF-8 JSON whose strings hold valid Unicode (a surrogate escape must be half of a pair)."
 
 
-class _Request(Request):
+class _StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
@@ -51,6 +51,6 @@ class JSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
-            return await handler(_Request(request.scope, request.receive))
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
 
         return handle

@@ -20,7 +20,7 @@ _Item = TypeVar("_Item")
 ScoreInput = str | dict[str, Any]
 
 
-class _Request(BaseModel):
+class BaseRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="A served model name; omitted means the default model.")
@@ -47,7 +47,7 @@ class _Request(BaseModel):
         return data
 
 
-class _ActivationRequest(_Request):
+class ActivationRequest(BaseRequest):
     use_activation: bool | None = Field(None, description="Apply softmax/sigmoid (classify) or L2 norm (embed).")
     softmax: bool | None = Field(None, description="Legacy alias of use_activation.")
     activation: bool | None = Field(None, description="Legacy alias of use_activation.")
@@ -59,7 +59,7 @@ class _ActivationRequest(_Request):
         return next(iter(given), None)
 
 
-class _PromptRequest(_ActivationRequest):
+class PromptRequest(ActivationRequest):
     """Completion form (``input``) or chat form (``messages``)."""
 
     input: PromptInput | None = None
@@ -71,7 +71,7 @@ class _PromptRequest(_ActivationRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _one_form(self) -> _PromptRequest:
+    def _one_form(self) -> PromptRequest:
         if (self.input is None) == (self.messages is None):
             raise ValueError("Pass exactly one of `input` or `messages`.")
         if self.add_generation_prompt and self.continue_final_message:
@@ -79,11 +79,11 @@ class _PromptRequest(_ActivationRequest):
         return self
 
 
-class ClassifyRequest(_PromptRequest):
+class ClassifyRequest(PromptRequest):
     pass
 
 
-class PoolingRequest(_PromptRequest):
+class PoolingRequest(PromptRequest):
     task: str | None = Field(None, description="Pooling task; default: the model's active task.")
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
@@ -91,7 +91,7 @@ class PoolingRequest(_PromptRequest):
     dimensions: int | None = None
 
 
-class EmbeddingRequest(_ActivationRequest):
+class EmbeddingRequest(ActivationRequest):
     """OpenAI ``/v1/embeddings``."""
 
     input: PromptInput
@@ -104,7 +104,7 @@ CohereEmbeddingType = Literal["float", "base64", "binary", "ubinary", "int8", "u
 _FLOAT_ONLY: tuple[CohereEmbeddingType, ...] = ("float",)
 
 
-class CohereEmbedRequest(_Request):
+class CohereEmbedRequest(BaseRequest):
     """Cohere Embed v2 (``/v2/embed``), text only."""
 
     texts: list[str] = Field(min_length=1)
@@ -123,7 +123,7 @@ class CohereEmbedRequest(_Request):
         return self
 
 
-class _ScoreOptions(_ActivationRequest):
+class ScoreOptions(ActivationRequest):
     max_tokens_per_query: int = Field(0, ge=0)
     max_tokens_per_doc: int = Field(0, ge=0)
     instruction: str | None = None
@@ -136,7 +136,7 @@ class _ScoreOptions(_ActivationRequest):
         return kwargs
 
 
-class ScoreRequest(_ScoreOptions):
+class ScoreRequest(ScoreOptions):
     """Any of the four equivalent pair shapes, tried in vLLM's order."""
 
     queries: ScoreInput | list[ScoreInput] | None = None
@@ -170,7 +170,7 @@ class ScoreRequest(_ScoreOptions):
         return pair
 
 
-class RerankRequest(_ScoreOptions):
+class RerankRequest(ScoreOptions):
     query: ScoreInput
     documents: ScoreInput | list[ScoreInput]
     top_n: int = Field(0, ge=0, description="Return the best n results; 0 returns all.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import pydantic_core
 from fastapi import Request as HTTPRequest
@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from winnow.errors import InvalidInputError
 from winnow.inputs.prompts import Prompt, TokenizedPrompt, TruncationOptions, parse_truncation
 from winnow.inputs.scoring import template_kwargs_of
-from winnow.server.protocol import PromptInput, _PromptRequest, _Request
+from winnow.server.protocol import BaseRequest, PromptInput, PromptRequest
 from winnow.server.state import ServerState
 
 
@@ -30,7 +30,16 @@ def get_state(http: HTTPRequest) -> ServerState:
     return state
 
 
-def truncation_of(state: ServerState, body: _Request, *, add_special_tokens: bool) -> TruncationOptions:
+class ChatOptions(Protocol):
+    """What ``render_chat`` reads of a request: the chat form of /classify and /pooling, and /tokenize's."""
+
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
+    add_generation_prompt: bool
+    continue_final_message: bool
+
+
+def truncation_of(state: ServerState, body: BaseRequest, *, add_special_tokens: bool) -> TruncationOptions:
     return parse_truncation(
         {
             "truncate_prompt_tokens": body.truncate_prompt_tokens,
@@ -52,7 +61,7 @@ def prompts_of(value: PromptInput) -> list[Prompt]:
     return list(value)  # type: ignore[arg-type]
 
 
-def render_chat(state: ServerState, body: _PromptRequest | Any, messages: list[dict[str, Any]]) -> str:
+def render_chat(state: ServerState, body: ChatOptions, messages: list[dict[str, Any]]) -> str:
     """Render a conversation with the request's, the server's or the tokenizer's chat template."""
     template = body.chat_template
     if template is not None and not state.settings.trust_request_chat_template:
@@ -101,7 +110,7 @@ def _with_text_content(message: dict[str, Any], index: int) -> dict[str, Any]:
     )
 
 
-async def tokenize_body(state: ServerState, body: _PromptRequest) -> list[TokenizedPrompt]:
+async def tokenize_body(state: ServerState, body: PromptRequest) -> list[TokenizedPrompt]:
     """The completion form gives one prompt per input; the chat form one prompt per conversation."""
     if body.messages is not None:
         prompts: list[Prompt] = [render_chat(state, body, body.messages)]

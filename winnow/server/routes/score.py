@@ -16,7 +16,7 @@ from fastapi import Request as HTTPRequest
 from winnow.inputs.scoring import ScorePlan, parse_score_side, plan_scores
 from winnow.params import PoolingParams
 from winnow.server.json_body import JSONRoute
-from winnow.server.protocol import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, _ScoreOptions
+from winnow.server.protocol import RerankRequest, RerankResponse, ScoreOptions, ScoreRequest, ScoreResponse
 from winnow.server.serving import FastJSONResponse, get_state, list_body, truncation_of
 from winnow.server.state import ServerState
 
@@ -80,7 +80,7 @@ async def rerank_v1(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
 
 
 async def _run_scores(
-    state: ServerState, http: HTTPRequest, body: _ScoreOptions, queries: Any, documents: Any
+    state: ServerState, http: HTTPRequest, body: ScoreOptions, queries: Any, documents: Any
 ) -> tuple[list[float], ScorePlan]:
     params = PoolingParams(
         use_activation=body.use_activation_value(),
