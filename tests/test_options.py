@@ -79,10 +79,21 @@ def test_ignored_vllm_options_are_accepted(make_model):
     assert llm.classify(PROMPTS[0], use_tqdm=False)[0].outputs.num_classes == 2
 
 
-def test_legacy_task_keyword(make_model):
+@pytest.mark.parametrize(
+    ("head", "task", "active"),
+    [
+        ("tok", "reward", "token_classify"),
+        ("seq", "reward", "token_classify"),
+        ("seq", "embed", "embed"),
+        ("seq", "classify", "classify"),
+        ("seq", "score", "classify"),
+    ],
+)
+def test_legacy_task_keyword(make_model, head, task, active):
+    """task="reward" makes a sequence classifier's token task active; "embed" converts it to an embedder."""
     with pytest.warns(DeprecationWarning, match="task"):
-        llm = LLM(str(make_model("bert", "tok", num_labels=3)), device="cpu", task="reward")
-    assert llm.model_config.task == "token_classify"
+        llm = LLM(str(make_model("bert", head, num_labels=3)), device="cpu", task=task)
+    assert llm.model_config.task == active
 
 
 @pytest.mark.parametrize(

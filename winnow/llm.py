@@ -65,13 +65,14 @@ _IGNORED_VLLM_ARGS = frozenset(
         "kv_cache_dtype",
     }
 )
-# Legacy `task=` values (before runner/convert existed) -> (convert, active pooling task).
-_LEGACY_TASKS: dict[str, tuple[str, PoolingTask | None]] = {
-    "classify": ("auto", "classify"),
-    "score": ("auto", "classify"),
-    "embed": ("embed", "embed"),
-    "reward": ("auto", "token_classify"),
-    "auto": ("auto", None),
+# Legacy `task=` values (before runner/convert existed) -> convert. "reward" also made the token task
+# active (PoolerConfig(task="token_classify")); the others' tasks are what the model's head gives anyway.
+_LEGACY_TASKS: dict[str, str] = {
+    "classify": "auto",
+    "score": "auto",
+    "embed": "embed",
+    "reward": "auto",
+    "auto": "auto",
 }
 
 UseTqdm = bool | Callable[..., tqdm]
@@ -475,7 +476,6 @@ def _apply_legacy_task(
     if task not in _LEGACY_TASKS:
         raise InvalidInputError(f"task={task!r} is not a pooling task; use runner/convert and PoolerConfig(task=...).")
     warnings.warn("LLM(task=...) is deprecated; use convert= and pooler_config.", DeprecationWarning, stacklevel=3)
-    legacy_convert, active = _LEGACY_TASKS[task]
-    if pooler_config is None and active is not None and task in ("reward",):
-        pooler_config = PoolerConfig(task=active)
-    return (legacy_convert if convert == "auto" else convert), pooler_config
+    if task == "reward" and pooler_config is None:
+        pooler_config = PoolerConfig(task="token_classify")
+    return (_LEGACY_TASKS[task] if convert == "auto" else convert), pooler_config
