@@ -459,9 +459,9 @@ def _seq_pooling(entry: ModelEntry, hf_config: Any, pc: PoolerConfig, st: Senten
     define their pooling themselves (ModernBERT's classifier_pooling) and keep it."""
     model_class = entry.load_class() if entry.is_native else None
     default = entry.default_seq_pooling
-    if model_class is not None and hasattr(model_class, "default_pooling"):
-        default = model_class.default_pooling(hf_config)
-    if model_class is not None and getattr(model_class, "pooling_is_fixed", False) and entry.kind != "encoder":
+    if model_class is not None:
+        default = model_class.default_pooling(hf_config) or default
+    if model_class is not None and model_class.pooling_is_fixed and entry.kind != "encoder":
         if pc.seq_pooling_type not in (None, default):
             logger.warning(
                 "%s pools with %s by its config; ignoring seq_pooling_type=%s.",

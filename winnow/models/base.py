@@ -9,7 +9,8 @@ parameter names equal the checkpoint's, so ``loader.load_weights`` fills it by n
     token_head(hidden) -> Tensor        [n, hidden] -> [n, num_labels]   (token classifiers, and
                                         sequence classifiers asked for token_classify)
 
-Class attributes the loader, config, runner and pooler read (optional unless marked):
+Class attributes the loader, config, runner and pooler read (declared with their defaults on
+``ModelBase``, below, from which every class the registry names derives; override as needed):
 
     packed_modules      {checkpoint module name: (fused module name, shard index)}: projections
                         fused at load time, e.g. query/key/value -> qkv_proj
@@ -44,10 +45,15 @@ Everything else (pooling, calibration, activation, dtype of the head) is the poo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
+
+from winnow.params import PoolingType
 
 ScoreMethod = Literal["from_2_way_softmax", "no_post_processing"]
 
@@ -74,3 +80,34 @@ class TokenScoreHead:
         if self.method == "from_2_way_softmax":
             return (rows[1] - rows[0]).unsqueeze(0)
         return rows
+
+
+class ModelBase(nn.Module):
+    """The contract above as typed class attributes with their defaults: every class the registry
+    names derives from it, so the loader, config, runner and pooler read attributes, not strings
+    through ``getattr`` (where a misspelt name silently meant the default)."""
+
+    packed_modules: ClassVar[Mapping[str, tuple[str, int]]] = MappingProxyType({})
+    ignored_weights: ClassVar[tuple[str, ...]] = ()
+    ignored_suffixes: ClassVar[tuple[str, ...]] = ()
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
+    base_model_prefix: ClassVar[str | None] = None
+    body_prefix: ClassVar[str | None] = None
+    lm_head_names: ClassVar[tuple[str, ...]] = ()
+    quantizable: ClassVar[tuple[str, ...]] = ()
+    selects_output_rows: ClassVar[bool] = False
+    returns_pooled: bool = False  # an instance attribute of the fallback, which knows it once built
+    pooling_is_fixed: ClassVar[bool] = False
+
+    @classmethod
+    def max_positions(cls, config: Any) -> int:
+        raise NotImplementedError(f"{cls.__name__} must say how long a prompt its position encoding allows.")
+
+    @classmethod
+    def default_pooling(cls, config: Any) -> PoolingType | None:
+        """None: the registry's default for the architecture's kind."""
+        return None
+
+    @classmethod
+    def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
+        return {}

@@ -17,6 +17,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
 from winnow.layers.linear import linear_act, linear_add
+from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, take_rows
 
 
@@ -136,7 +137,7 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(x))
 
 
-class BertModel(nn.Module):
+class BertModel(ModelBase):
     """The bare encoder: token ids -> final hidden states [num_tokens, hidden] (or the rows of
     ``batch.output_rows``)."""
 
@@ -245,7 +246,7 @@ class ElectraClassificationHead(RobertaClassificationHead):
         return self.out_proj(nn.functional.gelu(self.dense(x)))
 
 
-class _Classifier(nn.Module):
+class _Classifier(ModelBase):
     """Body + head. ``classify_head`` maps pooled states, ``token_head`` maps every token."""
 
     body_class: ClassVar[type[BertModel]] = BertModel

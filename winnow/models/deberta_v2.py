@@ -34,6 +34,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
 from winnow.layers.linear import linear_act, linear_add
+from winnow.models.base import ModelBase
 from winnow.runner.batch import AttentionGroup, Batch, take_rows, to_device
 
 
@@ -327,7 +328,7 @@ class DebertaV2Encoder(nn.Module):
         return last(x, batch, rel, rel_emb, batch.output_rows)  # [T, hidden] or [num_seqs, hidden]
 
 
-class DebertaV2Model(nn.Module):
+class DebertaV2Model(ModelBase):
     """The bare encoder: token ids -> final hidden states [num_tokens, hidden] (or the rows of
     ``batch.output_rows``)."""
 
@@ -390,7 +391,7 @@ class ContextPooler(nn.Module):
         return self.act(self.dense(x))  # [n, hidden]
 
 
-class _Classifier(nn.Module):
+class _Classifier(ModelBase):
     """Body (``deberta``) + head. ``classify_head`` maps pooled states, ``token_head`` every token."""
 
     packed_modules = DebertaV2Model.packed_modules

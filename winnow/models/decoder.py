@@ -37,6 +37,7 @@ from winnow.layers.activation import get_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
 from winnow.layers.norm import RMSNorm
 from winnow.layers.rotary import RotaryEmbedding, apply_rotary
+from winnow.models.base import ModelBase
 from winnow.params import PoolingType
 from winnow.runner.batch import Batch, take_rows
 
@@ -221,7 +222,7 @@ _PACKED: dict[str, tuple[str, int]] = {
 }
 
 
-class _Decoder(nn.Module):
+class _Decoder(ModelBase):
     """What every class here shares: the family, fused projections, positions and LAST pooling."""
 
     family: ClassVar[str]

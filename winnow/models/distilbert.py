@@ -15,6 +15,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import fused_qkv_attention
 from winnow.layers.linear import linear_act, linear_add
+from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, take_rows
 
 _LN_EPS = 1e-12
@@ -87,7 +88,7 @@ class Transformer(nn.Module):
         return last(x, batch, batch.output_rows)
 
 
-class DistilBertModel(nn.Module):
+class DistilBertModel(ModelBase):
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
         "q_lin": ("qkv_proj", 0),
         "k_lin": ("qkv_proj", 1),
@@ -120,7 +121,7 @@ class DistilBertModel(nn.Module):
         return self.transformer(self.embeddings(batch), batch)
 
 
-class _DistilBertClassifier(nn.Module):
+class _DistilBertClassifier(ModelBase):
     packed_modules = DistilBertModel.packed_modules
     quantizable = DistilBertModel.quantizable
     ignored_weights: ClassVar[tuple[str, ...]] = ()

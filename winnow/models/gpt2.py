@@ -23,6 +23,7 @@ from torch import nn
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
+from winnow.models.base import ModelBase
 from winnow.params import PoolingType
 from winnow.runner.batch import Batch, take_rows
 
@@ -84,7 +85,7 @@ class GPT2Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class _GPT2Base(nn.Module):
+class _GPT2Base(ModelBase):
     # Causal-mask buffers of old checkpoints (h.N.attn.bias, h.N.attn.masked_bias): no learned values.
     ignored_suffixes: ClassVar[tuple[str, ...]] = (".attn.bias", ".attn.masked_bias")
 

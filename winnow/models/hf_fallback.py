@@ -13,9 +13,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from winnow.errors import ModelLoadError
+from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, build_batch
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class HFFallbackModel(nn.Module):
+class HFFallbackModel(ModelBase):
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         super().__init__()
         import transformers

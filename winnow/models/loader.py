@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from winnow.errors import ModelLoadError
-from winnow.models.base import TokenScoreHead
+from winnow.models.base import ModelBase, TokenScoreHead
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def iter_checkpoint(files: list[Path], device: torch.device) -> Iterator[tuple[s
             raise ModelLoadError(f"Could not read weights from {path}: {type(e).__name__}: {e}") from e
 
 
-def _fused(name: str, packed: dict[str, tuple[str, int]]) -> str:
+def _fused(name: str, packed: Mapping[str, tuple[str, int]]) -> str:
     """The parameter a checkpoint name lands in, after fusing (``...query.weight`` -> ``...qkv_proj.weight``)."""
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in packed:
@@ -83,7 +82,7 @@ def _canonical_name(name: str) -> str:
 
 
 def load_weights(
-    model_class: type[nn.Module],
+    model_class: type[ModelBase],
     hf_config: Any,
     files: list[Path],
     *,
@@ -91,32 +90,28 @@ def load_weights(
     head_dtype: torch.dtype,
     device: torch.device,
     token_score_head: TokenScoreHead | None = None,
-) -> nn.Module:
+) -> ModelBase:
     """Instantiate ``model_class(hf_config)`` and load ``files`` into it, strictly.
 
     With ``token_score_head``, the classifier ``score.weight`` is built from LM-head rows of the
     checkpoint (the causal LM's ``lm_head``, or its tied input embedding) and the LM head is dropped.
     """
     # Some choices depend on what the checkpoint holds (an optional bias): the class may look first.
-    init_kwargs: dict[str, Any] = {}
-    if hasattr(model_class, "init_kwargs"):
-        init_kwargs = model_class.init_kwargs(hf_config, checkpoint_names(files))
+    init_kwargs = model_class.init_kwargs(hf_config, checkpoint_names(files))
     with torch.device("meta"):
         model = model_class(hf_config, **init_kwargs)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    packed: dict[str, tuple[str, int]] = getattr(model_class, "packed_modules", {})
-    ignored: tuple[str, ...] = getattr(model_class, "ignored_weights", ())
-    ignored_suffixes: tuple[str, ...] = getattr(model_class, "ignored_suffixes", ())
-    head_prefixes: tuple[str, ...] = getattr(model_class, "head_prefixes", ())
+    packed, ignored = model_class.packed_modules, model_class.ignored_weights
+    ignored_suffixes, head_prefixes = model_class.ignored_suffixes, model_class.head_prefixes
     # Bare encoders (BertModel...) are saved with and without their base prefix ("bert.").
-    prefix = getattr(model_class, "base_model_prefix", None)
+    prefix = model_class.base_model_prefix
 
-    lm_head_names: tuple[str, ...] = getattr(model_class, "lm_head_names", ()) if token_score_head else ()
+    lm_head_names = model_class.lm_head_names if token_score_head else ()
     if not getattr(hf_config, "tie_word_embeddings", False):
         lm_head_names = lm_head_names[:1]  # untied: only the LM head itself holds the output rows
     # Classifiers accept names relative to their body too ("h.0..." for "transformer.h.0..."), as a
     # causal LM saved as its bare base model has them.
-    body_prefix: str | None = getattr(model_class, "body_prefix", None)
+    body_prefix = model_class.body_prefix
 
     state: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[int, torch.Tensor]] = {}

@@ -35,6 +35,7 @@ from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
 from winnow.layers.rotary import RotaryEmbedding, apply_rotary
+from winnow.models.base import ModelBase
 from winnow.params import PoolingType
 from winnow.runner.batch import Batch, take_rows
 
@@ -143,7 +144,7 @@ class ModernBertEncoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))  # [T or R, hidden]
 
 
-class ModernBertModel(nn.Module):
+class ModernBertModel(ModelBase):
     """The bare encoder: token ids -> final hidden states [num_tokens, hidden]."""
 
     base_model_prefix: ClassVar[str] = "model"
@@ -193,7 +194,7 @@ class ModernBertPredictionHead(nn.Module):
         return self.norm(self.act(self.dense(x)))
 
 
-class _ModernBertClassifier(nn.Module):
+class _ModernBertClassifier(ModelBase):
     """Body (``model``) + prediction head (``head``) + linear ``classifier``."""
 
     # The head runs in the head dtype (float32 by default), as the pooler casts pooled rows to it.

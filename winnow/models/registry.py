@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from winnow.errors import ConfigError, ModelLoadError
+from winnow.models.base import ModelBase
 from winnow.params import PoolingType
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ class ModelEntry:
     default_seq_pooling: PoolingType
     is_native: bool = True
 
-    def load_class(self) -> type[Any]:
+    def load_class(self) -> type[ModelBase]:
         module = importlib.import_module(f"winnow.models.{self.module}")
-        cls: type[Any] = getattr(module, self.class_name)
+        cls = getattr(module, self.class_name)
+        assert issubclass(cls, ModelBase), f"{self.class_name} must derive from models.base.ModelBase"
         return cls
 
 

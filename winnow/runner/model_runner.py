@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from winnow.layers.linear import cpu_has_fast, pack_linears
 from winnow.layers.pooling import PooledBatch, Pooler
 from winnow.layers.quant import compile_variants, quantize_int8
+from winnow.models.base import ModelBase
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
 from winnow.runner.batch import Batch, build_batch, take_rows
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_model(config: ModelConfig, device: torch.device) -> nn.Module:
+def load_model(config: ModelConfig, device: torch.device) -> ModelBase:
     """Build the registry's class for ``config`` with its weights, on ``device``."""
     entry = config.entry
     if not entry.is_native:
@@ -72,7 +72,7 @@ class ModelRunner:
         self,
         config: ModelConfig,
         device: torch.device,
-        model: nn.Module | None = None,
+        model: ModelBase | None = None,
         quantization: str | None = None,
         cuda_graph_max_tokens: int = 0,
         cpu_threads: tuple[int, ...] = (),
@@ -88,10 +88,10 @@ class ModelRunner:
             fast_bf16 = config.dtype == torch.float32 and device.type == "cpu" and cpu_has_fast(torch.bfloat16)
             quantize_int8(
                 self.model,
-                getattr(self.model, "quantizable", ()),
+                self.model.quantizable,
                 device,
                 others=torch.bfloat16 if fast_bf16 else None,
-                keep=getattr(self.model, "head_prefixes", ()),
+                keep=self.model.head_prefixes,
             )
             compile_variants(config.dtype, cpu_threads or (torch.get_num_threads(),))
         if device.type == "cpu" and config.entry.is_native:
@@ -99,7 +99,7 @@ class ModelRunner:
             pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
         self.pooler = Pooler(config.pooler, self.model)
         # Models that can return only the pooled token's row skip the last layer's feed-forward for the rest.
-        self.selects_rows = bool(getattr(self.model, "selects_output_rows", False))
+        self.selects_rows = self.model.selects_output_rows
         # The transformers fallback pads every layer; native models pad inside attention only.
         self.pads_dense_layers = not config.entry.is_native
         self.group_overhead = _CPU_GROUP_OVERHEAD if device.type == "cpu" else None
