@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from winnow.errors import ModelLoadError
 from winnow.models.base import ModelBase
-from winnow.runner.batch import Batch, build_batch
+from winnow.runner.batch import Batch, build_batch, to_device
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
@@ -88,15 +89,15 @@ class HFFallbackModel(ModelBase):
 
 
 def _grid_index(batch: Batch) -> torch.Tensor:
-    """[num_tokens] row of each token in a right-padded [num_seqs, max_seqlen] grid."""
-    device = batch.input_ids.device
-    lens = torch.tensor(batch.seq_lens, device=device)
-    seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device), lens)
-    return seq_of_token * batch.max_seqlen + batch.positions
+    """[num_tokens] row of each token in a right-padded [num_seqs, max_seqlen] grid. Built on the host
+    from the lengths and uploaded once: on a GPU, building it there from the lengths would wait for
+    the device (a host tensor's upload and ``repeat_interleave``'s output size)."""
+    rows = np.concatenate([np.arange(n) + i * batch.max_seqlen for i, n in enumerate(batch.seq_lens)])
+    return to_device(rows, batch.input_ids.device, torch.int64)
 
 
 def _single(batch: Batch, i: int) -> Batch:
-    start, n = int(batch.cu_seqlens[i]), batch.seq_lens[i]
+    start, n = batch.host_starts[i], batch.seq_lens[i]
     sl = slice(start, start + n)
     types = None if batch.token_type_ids is None else batch.token_type_ids[sl]
     return build_batch(
