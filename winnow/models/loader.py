@@ -47,12 +47,14 @@ def iter_checkpoint(files: list[Path], device: torch.device) -> Iterator[tuple[s
             raise ModelLoadError(f"Could not read weights from {path}: {type(e).__name__}: {e}") from e
 
 
-def _fused(name: str, packed: Mapping[str, tuple[str, int]]) -> str:
-    """The parameter a checkpoint name lands in, after fusing (``...query.weight`` -> ``...qkv_proj.weight``)."""
+def _fused(name: str, packed: Mapping[str, tuple[str, int]]) -> tuple[str, int | None]:
+    """The parameter a checkpoint name lands in after fusing, and its shard index there
+    (``...query.weight`` -> ``(...qkv_proj.weight, 0)``); an unfused name comes back with None."""
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in packed:
-        return ".".join([*parts[:-2], packed[parts[-2]][0], parts[-1]])
-    return name
+        fused, index = packed[parts[-2]]
+        return ".".join([*parts[:-2], fused, parts[-1]]), index
+    return name, None
 
 
 def checkpoint_names(files: list[Path]) -> set[str]:
@@ -123,7 +125,7 @@ def load_weights(
             continue
         if prefix and name.startswith(prefix + "."):
             name = name[len(prefix) + 1 :]
-        if body_prefix and _fused(f"{body_prefix}.{name}", packed) in expected:
+        if body_prefix and _fused(f"{body_prefix}.{name}", packed)[0] in expected:
             name = f"{body_prefix}.{name}"
         if name in lm_head_names:
             lm_heads[name] = tensor
@@ -131,10 +133,8 @@ def load_weights(
                 continue
         if name.startswith(ignored) or (ignored_suffixes and name.endswith(ignored_suffixes)):
             continue
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in packed:
-            fused, index = packed[parts[-2]]
-            fused_name = ".".join([*parts[:-2], fused, parts[-1]])
+        fused_name, index = _fused(name, packed)
+        if index is not None:
             shards.setdefault(fused_name, {})[index] = tensor
         elif name in expected:
             state[name] = tensor
