@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny_models import PROMPTS
-from winnow import LLM, ConfigError, PoolerConfig, PromptTooLongError
+from winnow import LLM, ConfigError, ModelLoadError, PoolerConfig, PromptTooLongError
 
 
 def test_convert_embed_serves_a_classifier_checkpoint_as_an_embedder(make_model, hf_reference):
@@ -31,6 +31,11 @@ def test_tokenizer_option_loads_another_folder(make_model, tmp_path):
     got = llm.classify("HELLO world", use_tqdm=False)[0].prompt_token_ids
     assert got == cased("HELLO world").input_ids
     assert got != AutoTokenizer.from_pretrained(path)("HELLO world").input_ids
+
+
+def test_a_tokenizer_folder_that_does_not_exist_is_named(make_model, tmp_path):
+    with pytest.raises(ModelLoadError, match="Tokenizer folder '.*nowhere' does not exist"):
+        LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", tokenizer=str(tmp_path / "nowhere"))
 
 
 def test_max_model_len_caps_prompts(make_model):

@@ -108,3 +108,14 @@ def test_template_alone_too_long_is_an_error(make_model, make_llm):
             tokenization_kwargs={"truncate_prompt_tokens": 8},
             use_tqdm=False,
         )
+
+
+def test_an_engine_template_that_does_not_compile_is_refused_at_load(make_model, make_llm):
+    """The engine's own template is the operator's: a syntax error fails loading, not every request."""
+    from winnow import ConfigError
+
+    path = make_model("bert", "seq", num_labels=1)
+    with pytest.raises(ConfigError, match="chat_template does not compile: TemplateSyntaxError"):
+        make_llm(path, chat_template="{{ (messages | first).content ")
+    for name in shipped_templates():  # every shipped one compiles
+        assert make_llm(path, chat_template=name).engine.config.chat_template == load_template(name)

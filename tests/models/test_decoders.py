@@ -385,9 +385,11 @@ def test_no_post_processing_with_three_tokens_is_a_softmax_over_their_logits(fam
 
 @pytest.mark.parametrize("family", ["qwen3", "gpt2"])
 def test_convert_classify_without_a_score_head_names_the_missing_weight(family, make_decoder):
+    """...and says what to do instead: an embedder, or a head built from LM-head rows."""
     path = make_decoder(family, "lm")
-    with pytest.raises(ModelLoadError, match=r"missing weights \[score\.weight\]; unexpected weights none"):
+    with pytest.raises(ModelLoadError, match=r"missing weights \[score\.weight\]; unexpected weights none") as err:
         LLM(str(path), device="cpu", convert="classify")
+    assert "no trained classification head" in str(err.value) and "classifier_from_token" in str(err.value)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma", "gpt2"])

@@ -174,6 +174,7 @@ def test_missing_tensor_is_named(model_copy):
     message = _load_error(model_copy)
     assert "missing weights [classifier.bias]" in message
     assert "unexpected weights none" in message
+    assert "no trained classification head" not in message  # part of a head: damage, not a bare model
 
 
 @pytest.mark.parametrize("part", ["query", "value"])

@@ -122,14 +122,17 @@ def test_loading_makes_young_gc_passes_rare(classifier_path):
         gc.unfreeze()
 
 
-def test_failed_load_answers_503(classifier_path, tmp_path):
-    """The weights vanish between prepare_engine and loading: 503 with the reason, tokenizer still up."""
+def test_failed_load_answers_503(classifier_path, tmp_path, caplog):
+    """The weights vanish between prepare_engine and loading: 503 with the reason, tokenizer still up.
+    The log says why in one line: the operator's mistake needs no traceback."""
     folder = tmp_path / "copy"
     shutil.copytree(classifier_path, folder)
     state = make_state(folder)
     (folder / "model.safetensors").unlink()
     with serving(state, folder, ready=False) as live:
         wait_until(lambda: state.load_error is not None, "the load to fail")
+        [record] = [r for r in caplog.records if r.getMessage().startswith("Loading the model failed")]
+        assert "model.safetensors" in record.getMessage() and record.exc_info is None
         for response in (live.get("/health"), live.post("/classify", {"input": "hello"})):
             assert_error(response, 503, "ServiceUnavailableError", "The model failed to load")
         assert_error(live.post("/pooling", {"input": "hello"}), 503, "ServiceUnavailableError")

@@ -111,9 +111,10 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         runner=args.runner,
         convert=args.convert,
     )
-    hf_tokenizer = load_hf_tokenizer(
-        args.tokenizer or path, trust_remote_code=args.trust_remote_code, revision=args.revision
-    )
+    tokenizer_path = path
+    if args.tokenizer:
+        tokenizer_path = resolve_model_path(args.tokenizer, revision=args.revision, what="Tokenizer")
+    hf_tokenizer = load_hf_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code, revision=args.revision)
     tokenizers = TokenizerGroup(hf_tokenizer)
     quantization = _quantization(args.quantization, device)
     model_config = ModelConfig.create(
@@ -139,7 +140,7 @@ def prepare_engine(args: EngineArgs) -> tuple[EngineConfig, InputProcessor]:
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=_positive(args.max_num_seqs, "max_num_seqs")
         or (_GPU_MAX_SEQS if device.type == "cuda" else _CPU_MAX_SEQS),
-        chat_template=load_template(args.chat_template),
+        chat_template=_engine_template(args.chat_template),
         seed=args.seed,
         quantization=quantization,
         # No batch holds more than the token budget: larger buckets would never replay.
@@ -189,6 +190,23 @@ def _pooler_config(value: Any) -> PoolerConfig | None:
         f"pooler_config must be a PoolerConfig or a dict of its fields, not a {type(value).__name__} "
         f'({value!r}); e.g. PoolerConfig(pooling_type="CLS") or {{"pooling_type": "CLS"}}.'
     )
+
+
+def _engine_template(template: str | None) -> str | None:
+    """The engine's default chat/score template, compiled once here: a broken one is the operator's
+    mistake, refused at start-up, not a 400 blaming every client that sends a chat or a score."""
+    text = load_template(template)
+    if text is None:
+        return None
+    try:  # transformers' own chat-template environment (its extensions and filters), as rendering uses
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: the first request reports a broken template
+        return text
+    try:
+        _compile_jinja_template(text)
+    except Exception as e:  # jinja2.TemplateSyntaxError and kin
+        raise ConfigError(f"chat_template does not compile: {type(e).__name__}: {e}") from e
+    return text
 
 
 def _quantization(value: str | None, device: torch.device) -> str | None:

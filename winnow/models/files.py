@@ -23,17 +23,18 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*/*.
 _HUB_BIN_PATTERNS = ["*.bin", "*/*.bin"]
 
 
-def resolve_model_path(model: str, *, revision: str | None = None) -> Path:
-    """Return a local folder holding ``model``: a path, the bundled default, or a hub snapshot."""
+def resolve_model_path(model: str, *, revision: str | None = None, what: str = "Model") -> Path:
+    """Return a local folder holding ``model``: a path, the bundled default, or a hub snapshot.
+    ``what`` names the folder in errors ("Model", "Tokenizer")."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"Model path {str(path)!r} is a file; pass the folder that holds config.json.")
+            raise ModelLoadError(f"{what} path {str(path)!r} is a file; pass the folder that holds its files.")
         return path.resolve()
     if model in _BUNDLED_IDS:
         return _bundled_model_path()
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"Model folder {model!r} does not exist.")
+        raise ModelLoadError(f"{what} folder {model!r} does not exist.")
     return _hub_snapshot(model, revision)
 
 

@@ -175,6 +175,7 @@ def load_weights(
         raise ModelLoadError(
             f"The checkpoint does not match {model_class.__name__}: "
             f"missing weights {_listed(missing)}; unexpected weights {_listed(sorted(unexpected))}."
+            + _missing_head_advice(missing, head_prefixes, loaded=state)
         )
     wrong_shape = [
         f"{n}: checkpoint {tuple(t.shape)} vs model {expected[n]}"
@@ -189,6 +190,20 @@ def load_weights(
         state[name] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _missing_head_advice(missing: list[str], head_prefixes: tuple[str, ...], *, loaded: Mapping[str, object]) -> str:
+    """What to do when the checkpoint holds no classifier head at all: it is a bare encoder or a
+    causal LM (``--convert classify`` on a model trained for something else)."""
+    if not missing or not head_prefixes or not all(name.startswith(head_prefixes) for name in missing):
+        return ""
+    if any(name.startswith(head_prefixes) for name in loaded):  # part of a head: a damaged checkpoint
+        return ""
+    return (
+        " The checkpoint has no trained classification head: serve it as an embedder (convert='embed'), "
+        "or, for an LLM reranker, build the head from LM-head rows (hf_overrides "
+        '{"architectures": [...ForSequenceClassification], "classifier_from_token": [...], "method": ...}).'
+    )
 
 
 def _listed(names: list[str]) -> str:

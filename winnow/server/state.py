@@ -28,6 +28,7 @@ from winnow.config import ModelConfig
 from winnow.engine.async_engine import AsyncEngine
 from winnow.engine.builder import Engine, EngineConfig, load_engine
 from winnow.engine.request import Request
+from winnow.errors import WinnowError
 from winnow.inputs.prompts import InputProcessor, TokenizedPrompt
 from winnow.params import PoolingParams
 from winnow.server.errors import ClientDisconnectedError, ModelNotFoundError, NotReadyError, TooManyRequestsError
@@ -97,7 +98,10 @@ class ServerState:
         try:
             engine = await _in_own_thread(self._load_and_warm_up)
         except Exception as e:
-            logger.exception("Loading the model failed")
+            if isinstance(e, WinnowError):  # the operator's mistake, and its message says what to change
+                logger.error("Loading the model failed: %s", e)
+            else:  # a bug: the traceback is what someone will need
+                logger.exception("Loading the model failed")
             self.load_error = e
             if on_fatal is not None:
                 on_fatal()
