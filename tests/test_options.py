@@ -34,7 +34,7 @@ def test_tokenizer_option_loads_another_folder(make_model, tmp_path):
 
 
 def test_a_tokenizer_folder_that_does_not_exist_is_named(make_model, tmp_path):
-    with pytest.raises(ModelLoadError, match="Tokenizer folder '.*nowhere' does not exist"):
+    with pytest.raises(ModelLoadError, match=r"Tokenizer folder '.*nowhere' does not exist"):
         LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", tokenizer=str(tmp_path / "nowhere"))
 
 
