@@ -17,7 +17,6 @@ import signal
 import sys
 import textwrap
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -329,19 +328,15 @@ def _engine_args(args: argparse.Namespace, dotted_pooler: dict[str, Any]) -> Eng
         pooler = pooler or args.override_pooler_config
     convert = args.convert
     if args.task is not None:
-        from winnow.llm import _LEGACY_TASKS, _apply_legacy_task
+        from winnow.engine.builder import LEGACY_TASKS, legacy_task_args
 
-        if args.task not in _LEGACY_TASKS:
+        if args.task not in LEGACY_TASKS:
             _usage_error(
-                f"--task {args.task} is not a pooling task; --task takes {', '.join(_LEGACY_TASKS)} "
+                f"--task {args.task} is not a pooling task; --task takes {', '.join(LEGACY_TASKS)} "
                 "(better: --convert and --pooler-config.task)."
             )
         given = pooler
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", DeprecationWarning
-            )  # it names LLM(task=...); the warning below names --task
-            convert, pooler = _apply_legacy_task(args.task, convert, pooler)
+        convert, pooler = legacy_task_args(args.task, convert, pooler)
         token_task = " --pooler-config.task token_classify" if pooler is not given else ""
         logger.warning("--task is deprecated; --task %s is served as --convert %s%s.", args.task, convert, token_task)
     return EngineArgs(

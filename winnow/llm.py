@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from winnow.engine.builder import EngineArgs, build_engine
+from winnow.engine.builder import EngineArgs, build_engine, legacy_task_args
 from winnow.engine.engine_core import Finished
 from winnow.engine.request import Request
 from winnow.errors import InvalidInputError, UnsupportedTaskError
@@ -65,16 +65,6 @@ _IGNORED_VLLM_ARGS = frozenset(
         "kv_cache_dtype",
     }
 )
-# Legacy `task=` values (before runner/convert existed) -> convert. "reward" also made the token task
-# active (PoolerConfig(task="token_classify")); the others' tasks are what the model's head gives anyway.
-_LEGACY_TASKS: dict[str, str] = {
-    "classify": "auto",
-    "score": "auto",
-    "embed": "embed",
-    "reward": "auto",
-    "auto": "auto",
-}
-
 UseTqdm = bool | Callable[..., tqdm]
 
 # Prompts tokenized at a time where tokenizing overlaps the device's work (GPU): large enough for the
@@ -118,7 +108,10 @@ class LLM:
             pooler_config = pooler_config or legacy_pooler
         legacy_task = kwargs.pop("task", None)
         if legacy_task is not None:
-            convert, pooler_config = _apply_legacy_task(legacy_task, convert, pooler_config)
+            warnings.warn(
+                "LLM(task=...) is deprecated; use convert= and pooler_config.", DeprecationWarning, stacklevel=2
+            )
+            convert, pooler_config = legacy_task_args(legacy_task, convert, pooler_config)
         unknown = sorted(set(kwargs) - _IGNORED_VLLM_ARGS)
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword arguments {unknown}")
@@ -468,14 +461,3 @@ def _legacy_truncate(value: int | None) -> int | None:
             stacklevel=3,
         )
     return value
-
-
-def _apply_legacy_task(
-    task: str, convert: str, pooler_config: PoolerConfig | dict[str, Any] | None
-) -> tuple[str, PoolerConfig | dict[str, Any] | None]:
-    if task not in _LEGACY_TASKS:
-        raise InvalidInputError(f"task={task!r} is not a pooling task; use runner/convert and PoolerConfig(task=...).")
-    warnings.warn("LLM(task=...) is deprecated; use convert= and pooler_config.", DeprecationWarning, stacklevel=3)
-    if task == "reward" and pooler_config is None:
-        pooler_config = PoolerConfig(task="token_classify")
-    return (_LEGACY_TASKS[task] if convert == "auto" else convert), pooler_config

@@ -19,7 +19,7 @@ from winnow.config import HFOverrides, ModelConfig, load_hf_config, resolve_devi
 from winnow.engine.cpu_cores import CpuCores
 from winnow.engine.engine_core import EngineCore, StepStats
 from winnow.engine.scheduler import Scheduler
-from winnow.errors import ConfigError
+from winnow.errors import ConfigError, InvalidInputError
 from winnow.inputs.prompts import InputProcessor
 from winnow.inputs.scoring import load_template
 from winnow.inputs.tokenizer import TokenizerGroup, load_hf_tokenizer
@@ -190,6 +190,25 @@ def _pooler_config(value: Any) -> PoolerConfig | None:
         f"pooler_config must be a PoolerConfig or a dict of its fields, not a {type(value).__name__} "
         f'({value!r}); e.g. PoolerConfig(pooling_type="CLS") or {{"pooling_type": "CLS"}}.'
     )
+
+
+# Legacy `task=` values (before runner/convert existed) -> convert. "reward" also made the token task
+# active (PoolerConfig(task="token_classify")); the others' tasks are what the model's head gives anyway.
+LEGACY_TASKS: dict[str, str] = {"classify": "auto", "score": "auto", "embed": "embed", "reward": "auto", "auto": "auto"}
+
+
+def legacy_task_args(
+    task: str, convert: str, pooler_config: PoolerConfig | dict[str, Any] | None
+) -> tuple[str, PoolerConfig | dict[str, Any] | None]:
+    """``convert`` and ``pooler_config`` for a legacy ``task`` (``LLM(task=...)``, ``--task``); an
+    explicit ``convert`` or pooler config wins. The callers warn that it is deprecated, each in its words."""
+    if task not in LEGACY_TASKS:
+        raise InvalidInputError(
+            f"task={task!r} is not a pooling task ({', '.join(LEGACY_TASKS)}); use convert and PoolerConfig(task=...)."
+        )
+    if task == "reward" and pooler_config is None:
+        pooler_config = PoolerConfig(task="token_classify")
+    return (LEGACY_TASKS[task] if convert == "auto" else convert), pooler_config
 
 
 def _engine_template(template: str | None) -> str | None:
