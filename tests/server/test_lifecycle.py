@@ -206,6 +206,25 @@ def test_disconnect_is_not_a_server_error(classifier):
     assert classifier.metric("winnow_requests_total", status="500") == errors_before
 
 
+def test_a_client_gone_before_its_body_arrived_is_499_not_500(classifier):
+    """A client that hangs up mid-body gets no answer; it is counted as 499 "disconnected", so it
+    does not trip 5xx alerts."""
+    errors_before = classifier.metric("winnow_requests_total", status="500")
+    left_before = classifier.metric("winnow_requests_total", route="disconnected", status="499")
+    host, port = classifier.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"input": '
+        )
+    wait_until(
+        lambda: classifier.metric("winnow_requests_total", route="disconnected", status="499") == left_before + 1,
+        "the hang-up to be counted",
+    )
+    assert classifier.metric("winnow_requests_total", status="500") == errors_before
+    classifier.assert_serving()
+
+
 # -- engine failures -------------------------------------------------------------------------------------
 
 POISON = [2, 77, 77, 77, 77, 77, 77, 77, 3]  # a token-id prompt the broken runner below refuses

@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from winnow.server.errors import PayloadTooLargeError, UnauthorizedError, error_response
+from winnow.server.errors import ClientDisconnectedError, PayloadTooLargeError, UnauthorizedError, error_response
 from winnow.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        started, status = time.perf_counter(), ClientDisconnectedError.status
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -124,11 +124,16 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            # Answers given before routing (401, 413) are "refused"; unknown paths are "unmatched".
-            route = getattr(scope.get("route"), "path", None) or ("refused" if status in (401, 413) else "unmatched")
+            # No answer at all: the client left before its body arrived ("disconnected", 499; a bug
+            # is answered 500 by InternalErrorMiddleware). Answers given before routing (401, 413)
+            # are "refused"; unknown paths are "unmatched".
+            route = getattr(scope.get("route"), "path", None) or _UNROUTED.get(status, "unmatched")
             metrics = self.state.metrics
             metrics.requests.labels(route=route, status=str(status)).inc()
             metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+_UNROUTED = {401: "refused", 413: "refused", ClientDisconnectedError.status: "disconnected"}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
