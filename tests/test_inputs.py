@@ -193,3 +193,33 @@ def test_token_id_prompts_take_numpy_and_torch_integers(llm):
 def test_token_id_prompts_name_what_is_wrong(llm, ids, message):
     with pytest.raises(InvalidInputError, match=message):
         llm.classify({"prompt_token_ids": ids}, use_tqdm=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_long_text_is_read_only_as_far_as_its_kept_tokens(make_model, make_llm, monkeypatch, family, side):
+    """Truncating (or refusing) a 60k-character text reads a window of it, not all of it, and keeps
+    exactly the tokens transformers keeps from the whole text."""
+    from transformers import AutoTokenizer
+
+    path = make_model(family, "seq", num_labels=2)
+    llm = make_llm(path)
+    text = " ".join(f"{w} fox{i % 7}" for i, w in enumerate(PROMPTS[3].split() * 600))  # ~60k characters
+    read: list[int] = []
+    tokenizers = llm.engine.inputs.tokenizers
+    real_encode, real_offsets = tokenizers.encode, tokenizers.encode_with_offsets
+    monkeypatch.setattr(
+        tokenizers, "encode", lambda inputs, **kw: read.append(len(inputs[0])) or real_encode(inputs, **kw)
+    )
+    monkeypatch.setattr(
+        tokenizers, "encode_with_offsets", lambda texts: read.append(len(texts[0])) or real_offsets(texts)
+    )
+    options = {"truncate_prompt_tokens": 20, "truncation_side": side}
+    [got] = llm.classify(text, tokenization_kwargs=options, use_tqdm=False)
+    reference = AutoTokenizer.from_pretrained(path, truncation_side=side)
+    assert got.prompt_token_ids == reference(text, truncation=True, max_length=20)["input_ids"]
+    assert max(read) < len(text) // 10
+    read.clear()
+    with pytest.raises(ValueError, match=r"contains at least 65 input tokens"):  # max_model_len 64: refused
+        llm.classify(text, use_tqdm=False)
+    assert max(read) < len(text) // 10
