@@ -7,7 +7,7 @@ Every request output carries ``request_id``, the ``prompt_token_ids`` the model 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -80,29 +80,31 @@ class PoolingRequestOutput(Generic[_O]):
     error: str | None = field(default=None, repr=False)
 
 
-# Real subclasses, as in vLLM, so that ``isinstance`` checks and ``from_base`` work.
+_R = TypeVar("_R", bound="_TypedRequestOutput[Any]")
 
 
 @dataclass(frozen=True)
-class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
-    @staticmethod
-    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> ClassificationRequestOutput:
-        return ClassificationRequestOutput(
-            result.request_id, ClassificationOutput.from_base(result.outputs), result.prompt_token_ids
-        )
+class _TypedRequestOutput(PoolingRequestOutput[_O]):
+    """A request output whose ``outputs`` are one typed view of a ``PoolingOutput`` (``outputs_class``).
+    Real subclasses, as in vLLM, so that ``isinstance`` checks and ``from_base`` work."""
+
+    outputs_class: ClassVar[type[ClassificationOutput] | type[ScoringOutput] | type[EmbeddingOutput]]
+
+    @classmethod
+    def from_base(cls: type[_R], result: PoolingRequestOutput[PoolingOutput]) -> _R:
+        return cls(result.request_id, cls.outputs_class.from_base(result.outputs), result.prompt_token_ids)
 
 
 @dataclass(frozen=True)
-class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
-    @staticmethod
-    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> ScoringRequestOutput:
-        return ScoringRequestOutput(result.request_id, ScoringOutput.from_base(result.outputs), result.prompt_token_ids)
+class ClassificationRequestOutput(_TypedRequestOutput[ClassificationOutput]):
+    outputs_class = ClassificationOutput
 
 
 @dataclass(frozen=True)
-class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
-    @staticmethod
-    def from_base(result: PoolingRequestOutput[PoolingOutput]) -> EmbeddingRequestOutput:
-        return EmbeddingRequestOutput(
-            result.request_id, EmbeddingOutput.from_base(result.outputs), result.prompt_token_ids
-        )
+class ScoringRequestOutput(_TypedRequestOutput[ScoringOutput]):
+    outputs_class = ScoringOutput
+
+
+@dataclass(frozen=True)
+class EmbeddingRequestOutput(_TypedRequestOutput[EmbeddingOutput]):
+    outputs_class = EmbeddingOutput

@@ -135,6 +135,14 @@ def _as_config_errors() -> Iterator[None]:
         raise ConfigError(str(e)) from None
 
 
+def _fold_use_activation(
+    value: bool | None, softmax: bool | None, activation: bool | None, normalize: bool | None
+) -> bool | None:
+    """``use_activation``, or the one legacy spelling given instead (each checked to be a bool)."""
+    aliases = {"softmax": softmax, "activation": activation, "normalize": normalize}
+    return _merge_alias(value, aliases, "use_activation", _check_bool)
+
+
 def _merge_alias(canonical: Any, aliases: dict[str, Any], canonical_name: str, check: Callable[[Any, str], Any]) -> Any:
     """Return the canonical value, taking a legacy alias if only the alias was set. Each value is
     first passed through ``check`` under the name the caller used."""
@@ -194,13 +202,7 @@ class PoolerConfig:
         # canonical fields and store checked values; the object is immutable once __init__ returns.
         setattr_ = object.__setattr__
         with _as_config_errors():
-            use_activation = _merge_alias(
-                self.use_activation,
-                {"softmax": softmax, "activation": activation, "normalize": normalize},
-                "use_activation",
-                _check_bool,
-            )
-            setattr_(self, "use_activation", use_activation)
+            setattr_(self, "use_activation", _fold_use_activation(self.use_activation, softmax, activation, normalize))
             mean = _merge_alias(self.logit_mean, {"logit_bias": logit_bias}, "logit_mean", _check_number)
             setattr_(self, "logit_mean", mean)
             scale = _check_number(logit_scale, "logit_scale")
@@ -268,13 +270,7 @@ class PoolingParams:
         # NOTE: object.__setattr__ only during construction (legacy alias folding, checked values),
         # as in PoolerConfig.
         setattr_ = object.__setattr__
-        use_activation = _merge_alias(
-            self.use_activation,
-            {"softmax": softmax, "activation": activation, "normalize": normalize},
-            "use_activation",
-            _check_bool,
-        )
-        setattr_(self, "use_activation", use_activation)
+        setattr_(self, "use_activation", _fold_use_activation(self.use_activation, softmax, activation, normalize))
         setattr_(self, "task", _check_task_or_none(self.task, "task"))
         setattr_(self, "dimensions", _check_int(self.dimensions, "dimensions", minimum=1))
         setattr_(self, "step_tag_id", _check_int(self.step_tag_id, "step_tag_id", minimum=0))
