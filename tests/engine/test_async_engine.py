@@ -388,3 +388,83 @@ def test_shutdown_before_start_answers_every_submitted_request(model_path):
                 await asyncio.wait_for(pending, TIMEOUT)
 
         asyncio.run(submit_then_shut_down())
+
+
+# -- calls: turns between them, one hand-back each ---------------------------------------------
+
+
+def test_a_small_call_behind_a_large_one_runs_in_the_next_batch(model_path, reference):
+    """Each ``run`` call is one scheduler group: a one-prompt call submitted after a 24-prompt call
+    (2 prompts per batch) runs in the second batch, not after the twelve batches of the first."""
+    large = ["hello", "rain"] * 12
+    small = ["the quick brown fox jumps over the lazy dog, twice over and once more"]
+    launched: list[list[str]] = []
+
+    async def main(engine: Engine, served: AsyncEngine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        first = asyncio.create_task(served.run(make_requests(engine, large)))
+        second = asyncio.create_task(served.run(small_requests := make_requests(engine, small)))
+        await wait_until(lambda: engine.core.scheduler.num_waiting == len(large) + 1, "both calls have submitted")
+        small_ids.update(r.request_id for r in small_requests)
+        served.start()
+        return await first, await second
+
+    small_ids: set[str] = set()
+    with serving(model_path, start=False, max_num_seqs=2) as (engine, served, _):
+        launch = engine.core.launch
+
+        def recording_launch(requests: list[Request], threads: int | None = None):
+            launched.append([r.request_id for r in requests])
+            return launch(requests, threads)
+
+        engine.core.launch = recording_launch  # type: ignore[method-assign]
+        got_large, got_small = run_bounded(main(engine, served))
+    assert_outputs(got_large, reference(large))
+    assert_outputs(got_small, reference(small))
+    assert len(launched) == 13
+    assert small_ids <= set(launched[1])
+
+
+def test_a_call_is_answered_with_one_wake_up_of_its_event_loop(model_path, reference):
+    """Twelve prompts in six batches settle one future, in one event-loop wake-up, not twelve."""
+    from winnow.engine import async_engine
+
+    prompts = PROMPTS[:4] * 3
+    wakeups = 0
+
+    async def main(engine: Engine, served: AsyncEngine) -> list[torch.Tensor]:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            nonlocal wakeups
+            wakeups += callback is async_engine._resolve
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        return await served.run(make_requests(engine, prompts))
+
+    with serving(model_path, max_num_seqs=2) as (engine, served, log):
+        got = run_bounded(main(engine, served))
+        assert served.num_pending == 0
+    assert_outputs(got, reference(prompts))
+    assert len(log.steps) == 6
+    assert wakeups == 1
+
+
+def test_a_call_fails_whole_when_one_of_its_batches_fails(model_path, reference):
+    """The first failed batch fails the call at once; its other requests are dropped, never answered
+    twice, and the engine serves the next call."""
+    good = ["hello", "rain", "horses and cows are both animals"]
+
+    async def main(engine: Engine, served: AsyncEngine) -> None:
+        vocab = engine.config.model.vocab_size
+        bad = Request(f"req-{next(_ids)}", TokenizedPrompt(token_ids=[2, vocab + 10, 3]), CLASSIFY)
+        with pytest.raises(IndexError):
+            await served.run([*make_requests(engine, good[:1]), bad, *make_requests(engine, good[1:])])
+        await wait_until(lambda: served.num_pending == 0, "the failed call's requests are dropped")
+        assert served.is_healthy
+        assert_outputs(await served.run(make_requests(engine, good)), reference(good))
+
+    with serving(model_path, max_num_seqs=1) as (engine, served, _):
+        run_bounded(main(engine, served))

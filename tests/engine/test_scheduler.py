@@ -8,8 +8,10 @@ The contract under test:
 * the token budget holds (real tokens, or ``num_seqs * max_len`` when the runner pads), except that
   a request that fits nowhere is still scheduled, alone;
 * batches group similar lengths, and every request is scheduled exactly once;
-* within a batch, requests keep their queue (arrival) order;
-* aborted requests are never scheduled; only the first ``window`` waiting requests are considered.
+* within a batch, requests keep their queue order (arrival order within a group);
+* aborted requests are never scheduled; only the first ``window`` waiting requests are considered;
+* groups (one client call each) take turns to anchor a batch: a small call behind a large one
+  runs in the next batch, and with one group the order is FIFO.
 """
 
 from __future__ import annotations
@@ -261,3 +263,92 @@ def test_a_smaller_budget_holds_for_one_batch_only():
     assert len(scheduler.schedule(max_tokens=5)) == 1  # one request always fits
     assert len(scheduler.schedule(max_tokens=1000)) == 6  # never above max_num_batched_tokens
     assert len(scheduler.schedule()) == 1
+
+
+# -- groups (one client call each) ------------------------------------------------------------
+
+
+def add_group(scheduler: Scheduler, group: int, first_id: int, lengths: list[int]) -> list[Request]:
+    requests = [make_request(first_id + i, n) for i, n in enumerate(lengths)]
+    for r in requests:
+        scheduler.add(r, group)
+    return requests
+
+
+def test_groups_take_turns_to_anchor_a_batch():
+    scheduler = Scheduler(max_num_batched_tokens=1000, max_num_seqs=1, padded_cost=False)
+    add_group(scheduler, 1, 0, [10] * 4)  # ids 0-3
+    add_group(scheduler, 2, 100, [10])
+    add_group(scheduler, 3, 200, [10, 10])
+    order = [ids(b) for b in drain(scheduler)]
+    assert order == [[0], [100], [200], [1], [201], [2], [3]]
+
+
+def test_a_small_call_behind_a_large_one_runs_in_the_next_batch():
+    """3,000 short prompts of one call, then one long prompt of another: the long one anchors the
+    second batch (first come, first served would run it last, its length matching no other)."""
+    scheduler = Scheduler(max_num_batched_tokens=640, max_num_seqs=64, padded_cost=False)
+    add_group(scheduler, 1, 0, [10] * 3000)
+    add_group(scheduler, 2, 5000, [300])
+    first, second = scheduler.schedule(), scheduler.schedule()
+    assert 5000 not in ids(first)
+    assert ids(second)[0] == 5000  # the anchor: its group's turn came first
+    assert sum(r.num_tokens for r in second) <= 640  # filled from the large call up to the budget
+    assert len(second) == 1 + (640 - 300) // 10
+    rest = drain(scheduler)
+    assert all(5000 not in ids(b) for b in rest)
+    assert sorted(i for b in [first, second, *rest] for i in ids(b)) == [*range(3000), 5000]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_group_keeps_its_arrival_order_across_turns(seed):
+    rng = random.Random(seed)
+    scheduler = Scheduler(max_num_batched_tokens=300, max_num_seqs=6, padded_cost=False)
+    lengths = {g: [rng.randint(1, 120) for _ in range(rng.randint(1, 40))] for g in range(1, 6)}
+    groups = {g: add_group(scheduler, g, 1000 * g, lens) for g, lens in lengths.items()}
+    scheduled: list[int] = []
+    while scheduler.num_waiting:
+        heads = {}  # each group's oldest waiting request
+        for r in scheduler.waiting:
+            heads.setdefault(int(r.request_id) // 1000, int(r.request_id))
+        batch = ids(scheduler.schedule())
+        assert batch[0] in heads.values()  # the anchor is its group's oldest
+        for g in groups:
+            mine = [i for i in batch if i // 1000 == g]
+            assert mine == sorted(mine)  # a group's requests keep their arrival order in a batch
+        scheduled += batch
+    assert sorted(scheduled) == sorted(int(r.request_id) for rs in groups.values() for r in rs)
+
+
+def test_every_waiting_group_anchors_within_one_round_of_turns():
+    scheduler = Scheduler(max_num_batched_tokens=10_000, max_num_seqs=2, padded_cost=False)
+    for g in range(1, 5):
+        add_group(scheduler, g, 1000 * g, [10 * g] * 10)  # lengths differ: no group fills another's batch
+    groups_seen = [{int(r.request_id) // 1000 for r in scheduler.schedule()} for _ in range(4)]
+    assert set().union(*groups_seen) == {1, 2, 3, 4}
+
+
+def test_one_group_is_first_come_first_served_across_batches():
+    scheduler, _ = make_scheduler([10] * 12, max_num_batched_tokens=1000, max_num_seqs=5)
+    assert [ids(b) for b in drain(scheduler)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+
+
+def test_the_window_spans_groups_in_turn_order():
+    """Window 4: group 1's two requests, then group 2's first two; group 2's third is beyond it."""
+    scheduler = Scheduler(max_num_batched_tokens=10_000, max_num_seqs=3, padded_cost=False, window=4)
+    add_group(scheduler, 1, 0, [10, 90])
+    add_group(scheduler, 2, 100, [80, 70, 10])
+    assert ids(scheduler.schedule()) == [0, 100, 101]  # closest to 10 within the window: 70, 80 (not 90)
+    # group 1 anchored this batch, so group 2 is first in turn now
+    assert [ids([r]) for r in scheduler.waiting] == [[102], [1]]
+
+
+def test_abort_drops_a_whole_group_and_keeps_the_others_turns():
+    scheduler = Scheduler(max_num_batched_tokens=1000, max_num_seqs=1, padded_cost=False)
+    add_group(scheduler, 1, 0, [10, 10])
+    gone = add_group(scheduler, 2, 100, [20, 20, 20])
+    add_group(scheduler, 3, 200, [30])
+    scheduler.abort({r.request_id for r in gone})
+    assert scheduler.num_waiting == 3
+    assert scheduler.waiting_tokens == 50
+    assert [ids(b) for b in drain(scheduler)] == [[0], [200], [1]]

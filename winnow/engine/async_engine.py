@@ -1,22 +1,25 @@
 """Drives an ``EngineCore`` from background threads so many coroutines can share its batches.
 
-``await engine.run(requests)`` from any number of clients: requests join one waiting queue, a loop
-thread batches whatever is waiting (so requests of different clients share a forward pass), and
-each output is handed back to the awaiting coroutine on its own event loop. A cancelled coroutine
-(client gone) has its still-waiting requests dropped before they cost any compute. The model runs
-on the loop threads only: the event loop is never blocked by model work. On a CPU with
-``cpu_workers`` > 1 there is one loop thread per worker, each running its own batches on its share
-of the cores (engine/cpu_cores.py); on a GPU one thread overlaps a batch's host work with the
-previous batch's device work.
+``await engine.run(requests)`` from any number of clients: requests join one waiting queue (each
+call's requests as one scheduler group, so calls take turns: engine/scheduler.py), a loop thread
+batches whatever is waiting (so requests of different clients share a forward pass), and each
+call's outputs are handed back to the awaiting coroutine on its own event loop, all at once. A
+cancelled coroutine (client gone) has its still-waiting requests dropped before they cost any
+compute. The model runs on the loop threads only: the event loop is never blocked by model work.
+On a CPU with ``cpu_workers`` > 1 there is one loop thread per worker, each running its own batches
+on its share of the cores (engine/cpu_cores.py); on a GPU one thread overlaps a batch's host work
+with the previous batch's device work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +30,35 @@ from winnow.errors import EngineDeadError, EngineOverloadedError, InvalidInputEr
 
 logger = logging.getLogger(__name__)
 
-_Pending = tuple["asyncio.Future[torch.Tensor]", asyncio.AbstractEventLoop]
 _Output = torch.Tensor | BaseException
 _Launch = tuple[list[Request], "InFlight | BaseException"]  # a batch and its handle, or why it failed to launch
+
+
+@dataclass(eq=False)
+class _Call:
+    """One ``run`` call: its outputs gather here, under the engine's lock, and settle its one future
+    when the last arrives (or the first error does). One future and one wake-up per call, not per
+    request: a call of 200k prompts would otherwise hold the event loop for a second with futures."""
+
+    future: asyncio.Future[list[torch.Tensor]]
+    loop: asyncio.AbstractEventLoop
+    outputs: list[torch.Tensor | None]
+    remaining: int
+    settled: bool = False
+
+    def take(self, index: int, output: _Output) -> list[torch.Tensor] | BaseException | None:
+        """Record one request's output; the call's result once it has one (then only once)."""
+        if self.settled:
+            return None
+        if isinstance(output, BaseException):
+            self.settled = True
+            return output
+        self.outputs[index] = output
+        self.remaining -= 1
+        if self.remaining:
+            return None
+        self.settled = True
+        return self.outputs  # type: ignore[return-value]  # every slot is filled now
 
 
 class AsyncEngine:
@@ -38,7 +67,8 @@ class AsyncEngine:
         # Requests submitted and not yet answered (waiting or running); beyond it, run() refuses.
         self.max_pending_requests = max_pending_requests
         self._cond = threading.Condition()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, tuple[_Call, int]] = {}  # request id -> its call and its place there
+        self._groups = itertools.count(1)  # each call is one scheduler group (0: ``LLM``'s requests)
         self._stopping = False
         self._dead: BaseException | None = None
         self._threads = [
@@ -75,9 +105,12 @@ class AsyncEngine:
     # -- submission ----------------------------------------------------------------------------
 
     async def run(self, requests: Sequence[Request]) -> list[torch.Tensor]:
-        """Submit ``requests`` and wait for all their outputs (in the same order)."""
+        """Submit ``requests`` and wait for all their outputs (in the same order). The requests of one
+        call form one scheduler group: a small call is not queued behind a large one's prompts."""
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[torch.Tensor]] = [loop.create_future() for _ in requests]
+        call = _Call(loop.create_future(), loop, [None] * len(requests), len(requests))
         with self._cond:
             if self._dead is not None or self._stopping:
                 raise EngineDeadError("The engine is shutting down or has stopped; no new requests are accepted.")
@@ -89,20 +122,19 @@ class AsyncEngine:
             ids = [r.request_id for r in requests]
             if len(set(ids)) != len(ids) or any(rid in self._pending for rid in ids):
                 raise InvalidInputError("Request ids must be unique among the requests in flight.")
-            for request, future in zip(requests, futures):
-                self._pending[request.request_id] = (future, loop)
-                self.core.add_request(request)
+            group = next(self._groups)
+            for index, request in enumerate(requests):
+                self._pending[request.request_id] = (call, index)
+                self.core.add_request(request, group)
             cpu = self.core.cpu
             if cpu is not None and cpu.free == cpu.cores:
                 self._cond.notify_all()  # every worker idle: a lone request is the wide worker's (_ready)
             else:
                 self._cond.notify()
         try:
-            if len(futures) == 1:  # most server requests: no gathering future and callbacks
-                return [await futures[0]]
-            return list(await asyncio.gather(*futures))
+            return await call.future
         except BaseException:
-            self.abort([r.request_id for r in requests])
+            self.abort(ids)
             raise
 
     def abort(self, request_ids: Sequence[str]) -> None:
@@ -145,8 +177,9 @@ class AsyncEngine:
     def _fail_pending(self, error: BaseException) -> None:
         with self._cond:
             pending, self._pending = self._pending, {}
-        for future, loop in pending.values():
-            hand_back(loop, [(future, error)])
+            calls = {id(call): call for call, _ in pending.values() if call.take(0, error) is not None}
+        for call in calls.values():
+            hand_back(call.loop, [(call.future, error)])
 
     def _ready(self, in_flight: _Launch | None, index: int) -> bool:
         """Whether loop thread ``index`` has something to do (called under the lock)."""
@@ -198,15 +231,18 @@ class AsyncEngine:
             except Exception as e:
                 logger.exception("A batch of %d requests failed", len(batch))
                 outputs = [e] * len(batch)
-        with self._cond:
-            waiters = [self._pending.pop(r.request_id, None) for r in batch]
         # One wake-up per event loop for the whole batch, not one per request: each is a syscall
         # and a loop iteration, taken from the cores the next forward pass is using.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[torch.Tensor], _Output]]] = {}
-        for waiter, output in zip(waiters, outputs):
-            if waiter is not None:  # None: the client went away while its request ran
-                future, loop = waiter
-                by_loop.setdefault(loop, []).append((future, output))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        with self._cond:
+            for request, output in zip(batch, outputs):
+                entry = self._pending.pop(request.request_id, None)
+                if entry is None:  # the client went away while its request ran
+                    continue
+                call, index = entry
+                result = call.take(index, output)
+                if result is not None:
+                    by_loop.setdefault(call.loop, []).append((call.future, result))
         for loop, results in by_loop.items():
             hand_back(loop, results)
 

@@ -63,8 +63,9 @@ class EngineCore:
         self._helpers: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: InFlight | None = None  # the batch ``step`` launched and has not yet returned
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add(request)
+    def add_request(self, request: Request, group: int = 0) -> None:
+        """``group``: the call it came with; groups take turns to anchor batches (engine/scheduler.py)."""
+        self.scheduler.add(request, group)
 
     def abort_requests(self, request_ids: set[str]) -> None:
         """Drop these requests if they still wait, and a batch ``step`` launched that holds any of them."""

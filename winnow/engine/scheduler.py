@@ -1,10 +1,15 @@
 """The scheduler: which waiting requests run together in the next forward pass.
 
-Pooling requests finish in one step (no decode, no KV cache), so scheduling is only batching:
-take the oldest waiting request (so nothing starves), then add the requests in a bounded window
-whose lengths are closest to it, until the token budget or the sequence cap is reached. Batches
-therefore hold similar lengths, which keeps attention padding small, and order is FIFO across
-batches. The budget counts what the runner pays for: real tokens for a packed runner,
+Pooling requests finish in one step (no decode, no KV cache), so scheduling is only batching.
+Waiting requests are kept by *group* (one client call: the server's HTTP request, one ``LLM``
+call), and the groups take turns to anchor a batch: the group whose turn it is contributes its
+oldest request, then the requests in a bounded window whose lengths are closest to that anchor
+join, until the token budget or the sequence cap is reached. Batches therefore hold similar
+lengths, which keeps attention padding small; nothing starves (every group anchors a batch within
+one round of turns, and a group's own requests are anchored oldest first); and a small call that
+arrives behind a large one's thousands of prompts runs in one of the next batches instead of after
+all of them. With one group (an offline call, or clients of one prompt each) this is plain FIFO
+across batches. The budget counts what the runner pays for: real tokens for a packed runner,
 ``num_seqs * max_len`` for one that pads every layer.
 """
 
@@ -24,29 +29,52 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.padded_cost = padded_cost
         self.window = window
-        self.waiting: deque[Request] = deque()
+        # Group -> its waiting requests (arrival order); dict order is the order of turns.
+        self.groups: dict[int, deque[Request]] = {}
+        self.num_waiting = 0
         self.waiting_tokens = 0  # their prompt tokens, kept as requests come and go
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add(self, request: Request, group: int = 0) -> None:
+        """Queue ``request``; requests added with the same ``group`` came in one call. A new group
+        takes its turn after the groups already waiting."""
+        self.groups.setdefault(group, deque()).append(request)
+        self.num_waiting += 1
         self.waiting_tokens += request.num_tokens
 
     def abort(self, request_ids: set[str]) -> None:
         """Drop waiting requests (a client went away); running ones finish with their batch."""
-        self.waiting = deque(r for r in self.waiting if r.request_id not in request_ids)
-        self.waiting_tokens = sum(r.num_tokens for r in self.waiting)
+        for group, requests in list(self.groups.items()):
+            kept = deque(r for r in requests if r.request_id not in request_ids)
+            if len(kept) == len(requests):
+                continue
+            self.num_waiting -= len(requests) - len(kept)
+            self.waiting_tokens -= sum(r.num_tokens for r in requests) - sum(r.num_tokens for r in kept)
+            if kept:
+                self.groups[group] = kept
+            else:
+                del self.groups[group]
 
     @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+    def waiting(self) -> list[Request]:
+        """Every waiting request, group by group in the order of their turns."""
+        return [r for requests in self.groups.values() for r in requests]
 
     def schedule(self, max_tokens: int | None = None) -> list[Request]:
         """Pop the next batch (empty when nothing waits). Never splits a request. ``max_tokens``: a
         smaller budget for this batch only (one request always fits)."""
-        if not self.waiting:
+        if not self.groups:
             return []
         budget = self.max_num_batched_tokens if max_tokens is None else min(max_tokens, self.max_num_batched_tokens)
-        window = list(islice(self.waiting, self.window))
+        # The window: the first requests of each group in turn order; window[0], the oldest request
+        # of the group whose turn it is, anchors the batch.
+        window: list[Request] = []
+        spans: list[tuple[int, int]] = []  # (group, how many of its requests are in the window)
+        for group, requests in self.groups.items():
+            taken = list(islice(requests, self.window - len(window)))
+            window += taken
+            spans.append((group, len(taken)))
+            if len(window) >= self.window:
+                break
         anchor_len = window[0].num_tokens
         order = sorted(range(len(window)), key=lambda i: (abs(window[i].num_tokens - anchor_len), i))
         chosen: list[int] = []
@@ -58,8 +86,24 @@ class Scheduler:
                 break
             chosen.append(i)
             max_len, total = max(max_len, n), total + n
-        picked = set(chosen)
-        rest = islice(self.waiting, len(window), None)
-        self.waiting = deque([r for i, r in enumerate(window) if i not in picked] + list(rest))
+        self._remove(spans, set(chosen))
+        self.num_waiting -= len(chosen)
         self.waiting_tokens -= total
         return [window[i] for i in sorted(chosen)]
+
+    def _remove(self, spans: list[tuple[int, int]], picked: set[int]) -> None:
+        """Take the picked window positions out of their groups; the anchor's group, if it still
+        waits, moves to the back of the turns."""
+        start = 0
+        for group, count in spans:
+            requests = self.groups[group]
+            left = [r for j, r in enumerate(islice(requests, count)) if start + j not in picked]
+            if len(left) < count:
+                left += islice(requests, count, None)
+                self.groups[group] = deque(left)
+            start += count
+            if not self.groups[group]:
+                del self.groups[group]
+        anchor_group = spans[0][0]
+        if anchor_group in self.groups:
+            self.groups[anchor_group] = self.groups.pop(anchor_group)
