@@ -223,3 +223,30 @@ def test_a_long_text_is_read_only_as_far_as_its_kept_tokens(make_model, make_llm
     with pytest.raises(ValueError, match=r"contains at least 65 input tokens"):  # max_model_len 64: refused
         llm.classify(text, use_tqdm=False)
     assert max(read) < len(text) // 10
+
+
+def test_texts_are_tokenized_a_chunk_at_a_time_with_the_same_ids(llm, monkeypatch):
+    """A large call reaches the tokenizer in chunks (each chunk's encodings are freed before the next
+    is made, so no single free holds the GIL for long), and gets the ids transformers gives, in order;
+    pairs too."""
+    from winnow.inputs import prompts as prompts_module
+    from winnow.inputs.prompts import TruncationOptions
+
+    monkeypatch.setattr(prompts_module, "_ENCODE_CHUNK", 3)
+    tokenizers = llm.engine.inputs.tokenizers
+    calls: list[int] = []
+    real_encode = tokenizers.encode
+    monkeypatch.setattr(
+        tokenizers, "encode", lambda inputs, **kw: calls.append(len(inputs)) or real_encode(inputs, **kw)
+    )
+    texts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
+    got = llm.engine.inputs.process(texts, TruncationOptions())
+    tok = llm.get_tokenizer()
+    assert [p.token_ids for p in got] == [tok(t).input_ids for t in texts]
+    assert calls == [3] * (len(texts) // 3) + ([len(texts) % 3] if len(texts) % 3 else [])
+
+    calls.clear()
+    pairs = list(zip(texts, reversed(texts)))
+    encoded = list(llm.engine.inputs.encode(pairs, TruncationOptions()))
+    assert [e.ids for e in encoded] == [tok(a, b).input_ids for a, b in pairs]
+    assert max(calls) == 3

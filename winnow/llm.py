@@ -410,7 +410,7 @@ class LLM:
                     return
                 for prompt in chunk:
                     request_ids.append(str(next(self._request_counter)))
-                    core.add_request(Request(request_ids[-1], prompt, params[len(prompts)]))
+                    core.add_requests([Request(request_ids[-1], prompt, params[len(prompts)])])
                     prompts.append(prompt)
 
         results: dict[str, torch.Tensor] = {}

@@ -305,11 +305,11 @@ def test_only_the_first_loop_thread_is_ready_for_a_lone_request(model_path):
     served = AsyncEngine(engine.core)  # not started: nothing takes the requests added below
     params = PoolingParams().with_task("classify")
     prompt = engine.inputs.process(parse_prompts([PROMPTS[0]]), TruncationOptions())[0]
-    engine.core.add_request(Request("a", prompt, params))
+    engine.core.add_requests([Request("a", prompt, params)])
     assert served._ready(None, 0) and not served._ready(None, 1)  # lone: loop thread 0's
     batch, threads = served._next_batch(wide=False)  # had another thread taken it: a share of the cores
     assert ([r.request_id for r in batch], threads) == (["a"], 1)
     engine.core.cpu.give_back(threads)
     for rid in "bc":
-        engine.core.add_request(Request(rid, prompt, params))
+        engine.core.add_requests([Request(rid, prompt, params)])
     assert served._ready(None, 0) and served._ready(None, 1)  # two waiting: anyone's

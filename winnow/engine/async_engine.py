@@ -120,12 +120,11 @@ class AsyncEngine:
                     f"The server is at capacity ({len(self._pending)} requests in flight, limit {limit}); retry later."
                 )
             ids = [r.request_id for r in requests]
-            if len(set(ids)) != len(ids) or any(rid in self._pending for rid in ids):
+            if len(set(ids)) != len(ids) or not self._pending.keys().isdisjoint(ids):
                 raise InvalidInputError("Request ids must be unique among the requests in flight.")
-            group = next(self._groups)
-            for index, request in enumerate(requests):
-                self._pending[request.request_id] = (call, index)
-                self.core.add_request(request, group)
+            # In bulk, not request by request: the event loop holds this lock (200k prompts: ~0.1 s).
+            self._pending.update(zip(ids, zip(itertools.repeat(call), range(len(ids)))))
+            self.core.add_requests(requests, next(self._groups))
             cpu = self.core.cpu
             if cpu is not None and cpu.free == cpu.cores:
                 self._cond.notify_all()  # every worker idle: a lone request is the wide worker's (_ready)

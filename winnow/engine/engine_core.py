@@ -8,7 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +63,9 @@ class EngineCore:
         self._helpers: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: InFlight | None = None  # the batch ``step`` launched and has not yet returned
 
-    def add_request(self, request: Request, group: int = 0) -> None:
-        """``group``: the call it came with; groups take turns to anchor batches (engine/scheduler.py)."""
-        self.scheduler.add(request, group)
+    def add_requests(self, requests: Sequence[Request], group: int = 0) -> None:
+        """``group``: the call they came with; groups take turns to anchor batches (engine/scheduler.py)."""
+        self.scheduler.extend(requests, group)
 
     def abort_requests(self, request_ids: set[str]) -> None:
         """Drop these requests if they still wait, and a batch ``step`` launched that holds any of them."""

@@ -16,6 +16,7 @@ across batches. The budget counts what the runner pays for: real tokens for a pa
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from itertools import islice
 
 from winnow.engine.request import Request
@@ -35,11 +36,14 @@ class Scheduler:
         self.waiting_tokens = 0  # their prompt tokens, kept as requests come and go
 
     def add(self, request: Request, group: int = 0) -> None:
-        """Queue ``request``; requests added with the same ``group`` came in one call. A new group
+        self.extend((request,), group)
+
+    def extend(self, requests: Sequence[Request], group: int = 0) -> None:
+        """Queue ``requests``; requests added with the same ``group`` came in one call. A new group
         takes its turn after the groups already waiting."""
-        self.groups.setdefault(group, deque()).append(request)
-        self.num_waiting += 1
-        self.waiting_tokens += request.num_tokens
+        self.groups.setdefault(group, deque()).extend(requests)
+        self.num_waiting += len(requests)
+        self.waiting_tokens += sum(r.num_tokens for r in requests)
 
     def abort(self, request_ids: set[str]) -> None:
         """Drop waiting requests (a client went away); running ones finish with their batch."""
@@ -75,12 +79,13 @@ class Scheduler:
             spans.append((group, len(taken)))
             if len(window) >= self.window:
                 break
-        anchor_len = window[0].num_tokens
-        order = sorted(range(len(window)), key=lambda i: (abs(window[i].num_tokens - anchor_len), i))
+        lengths = [r.num_tokens for r in window]
+        distance = [abs(n - lengths[0]) for n in lengths]
+        order = sorted(range(len(window)), key=distance.__getitem__)  # stable: ties keep queue order
         chosen: list[int] = []
         max_len = total = 0
         for i in order:
-            n = window[i].num_tokens
+            n = lengths[i]
             cost = max(max_len, n) * (len(chosen) + 1) if self.padded_cost else total + n
             if chosen and (cost > budget or len(chosen) == self.max_num_seqs):
                 break
@@ -93,17 +98,17 @@ class Scheduler:
 
     def _remove(self, spans: list[tuple[int, int]], picked: set[int]) -> None:
         """Take the picked window positions out of their groups; the anchor's group, if it still
-        waits, moves to the back of the turns."""
+        waits, moves to the back of the turns. Only the window's part of a group is touched, so a
+        batch costs O(window), not O(waiting): a 200k-prompt call was rebuilt once per batch."""
         start = 0
         for group, count in spans:
             requests = self.groups[group]
-            left = [r for j, r in enumerate(islice(requests, count)) if start + j not in picked]
-            if len(left) < count:
-                left += islice(requests, count, None)
-                self.groups[group] = deque(left)
+            if any(start <= i < start + count for i in picked):
+                head = [requests.popleft() for _ in range(count)]
+                requests.extendleft(reversed([r for j, r in enumerate(head) if start + j not in picked]))
+                if not requests:
+                    del self.groups[group]
             start += count
-            if not self.groups[group]:
-                del self.groups[group]
         anchor_group = spans[0][0]
         if anchor_group in self.groups:
             self.groups[anchor_group] = self.groups.pop(anchor_group)

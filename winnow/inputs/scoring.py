@@ -165,7 +165,8 @@ def _fit_documents(
     for i, n in enumerate(lengths):
         if n <= limit:
             continue
-        frame = len(processor.encode([_render(processor, template, queries[i], "", kwargs)], full)[0].ids)
+        [frame_encoding] = processor.encode([_render(processor, template, queries[i], "", kwargs)], full)
+        frame = len(frame_encoding.ids)
         budget = limit - frame
         if budget < 1:
             raise InvalidInputError(
@@ -177,7 +178,8 @@ def _fit_documents(
         while n > limit and budget > 0:  # tokens can merge across the cut: shrink until it fits
             text = cut_to_tokens(processor, [docs[i]], min(budget, doc_tokens))[0]
             fitted[i] = _render(processor, template, queries[i], text, kwargs)
-            n = len(processor.encode([fitted[i]], full)[0].ids)
+            [encoding] = processor.encode([fitted[i]], full)
+            n = len(encoding.ids)
             budget -= max(1, n - limit)
         if n > limit:
             raise InvalidInputError(

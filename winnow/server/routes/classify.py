@@ -27,12 +27,16 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> FastJSONResponse
         prompts = await tokenize_body(state, body)
         outputs = await state.run(http, prompts, [params] * len(prompts))
     id2label = state.model_config.id2label
-    data = []
-    for index, output in enumerate(outputs):
-        probs = output.tolist()
-        # The first largest, as torch.argmax picks; in Python, because a torch op on the event loop
-        # took ~70 us under load (its dispatch competes with the engine threads).
-        best = max(range(len(probs)), key=probs.__getitem__)
-        data.append({"index": index, "label": id2label.get(best), "probs": probs, "num_classes": len(probs)})
     rid, model = state.response_id("classify", http, body.request_id), body.model or state.served_name
-    return FastJSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))
+
+    def answer() -> FastJSONResponse:
+        data = []
+        for index, output in enumerate(outputs):
+            probs = output.tolist()
+            # The first largest, as torch.argmax picks; in Python, because a torch op on the event loop
+            # took ~70 us under load (its dispatch competes with the engine threads).
+            best = max(range(len(probs)), key=probs.__getitem__)
+            data.append({"index": index, "label": id2label.get(best), "probs": probs, "num_classes": len(probs)})
+        return FastJSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))
+
+    return await state.respond(len(outputs), answer)

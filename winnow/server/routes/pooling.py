@@ -64,17 +64,23 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         body.model or state.served_name,
     )
     num_tokens = sum(len(p.token_ids) for p in prompts)
-    if body.encoding_format in ("bytes", "bytes_only"):
-        return _bytes_response(outputs, body, rid, created, model, num_tokens)
-    data = [
-        {
-            "index": i,
-            "object": "pooling",
-            "data": _b64(out, body.embed_dtype, body.endianness) if body.encoding_format == "base64" else out.tolist(),
-        }
-        for i, out in enumerate(outputs)
-    ]
-    return FastJSONResponse(list_body(rid, model, data, num_tokens))
+
+    def answer() -> Response:
+        if body.encoding_format in ("bytes", "bytes_only"):
+            return _bytes_response(outputs, body, rid, created, model, num_tokens)
+        data = [
+            {
+                "index": i,
+                "object": "pooling",
+                "data": _b64(out, body.embed_dtype, body.endianness)
+                if body.encoding_format == "base64"
+                else out.tolist(),
+            }
+            for i, out in enumerate(outputs)
+        ]
+        return FastJSONResponse(list_body(rid, model, data, num_tokens))
+
+    return await state.respond(len(outputs), answer)
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -92,24 +98,29 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONRespo
         prompts = await state.off_loop(state.inputs.process, prompts_of(body.input), options)
         outputs = await state.run(http, prompts, [params] * len(prompts))
     num_tokens = sum(len(p.token_ids) for p in prompts)
-    data = [
-        {
-            "index": i,
-            "object": "embedding",
-            "embedding": _b64(out, "float32", "little") if body.encoding_format == "base64" else out.tolist(),
-        }
-        for i, out in enumerate(outputs)
-    ]
-    return FastJSONResponse(
-        {
-            "id": state.response_id("embd", http, body.request_id),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body.model or state.served_name,
-            "data": data,
-            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
-        }
-    )
+    rid, model = state.response_id("embd", http, body.request_id), body.model or state.served_name
+
+    def answer() -> FastJSONResponse:
+        data = [
+            {
+                "index": i,
+                "object": "embedding",
+                "embedding": _b64(out, "float32", "little") if body.encoding_format == "base64" else out.tolist(),
+            }
+            for i, out in enumerate(outputs)
+        ]
+        return FastJSONResponse(
+            {
+                "id": rid,
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+            }
+        )
+
+    return await state.respond(len(outputs), answer)
 
 
 @embeddings_router.post("/v2/embed", response_model=CohereEmbedResponse)
@@ -138,18 +149,23 @@ async def cohere_embed(body: CohereEmbedRequest, http: HTTPRequest) -> FastJSONR
     async with state.admission():
         prompts = await state.off_loop(state.inputs.process, list(body.texts), options)
         outputs = await state.run(http, prompts, [params] * len(prompts))
-    return FastJSONResponse(
-        {
-            "id": state.response_id("embd", http, body.request_id),
-            "embeddings": {kind: _cohere_embeddings(outputs, kind) for kind in dict.fromkeys(body.embedding_types)},
-            "texts": body.texts,
-            "meta": {
-                "api_version": {"version": "2"},
-                "billed_units": {"input_tokens": sum(len(p.token_ids) for p in prompts)},
-            },
-            "response_type": "embeddings_by_type",
-        }
-    )
+    rid = state.response_id("embd", http, body.request_id)
+
+    def answer() -> FastJSONResponse:
+        return FastJSONResponse(
+            {
+                "id": rid,
+                "embeddings": {kind: _cohere_embeddings(outputs, kind) for kind in dict.fromkeys(body.embedding_types)},
+                "texts": body.texts,
+                "meta": {
+                    "api_version": {"version": "2"},
+                    "billed_units": {"input_tokens": sum(len(p.token_ids) for p in prompts)},
+                },
+                "response_type": "embeddings_by_type",
+            }
+        )
+
+    return await state.respond(len(outputs), answer)
 
 
 def _cohere_embeddings(outputs: list[torch.Tensor], kind: str) -> list[Any]:

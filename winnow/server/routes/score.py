@@ -30,9 +30,13 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> FastJSONResponse:
     state.check_model(body.model)
     queries, documents = body.sides()
     scores, plan = await _run_scores(state, http, body, queries, documents)
-    data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     rid, model = state.response_id("score", http, body.request_id), body.model or state.served_name
-    return FastJSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
+
+    def answer() -> FastJSONResponse:
+        data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+        return FastJSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
+
+    return await state.respond(len(scores), answer)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
@@ -51,26 +55,31 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
     # Legacy {"text": ...} documents are plain text.
     documents = [d["text"] if isinstance(d, Mapping) and isinstance(d.get("text"), str) else d for d in documents]
     scores, plan = await _run_scores(state, http, body, body.query, documents)
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep document order
-    if 0 < body.top_n < len(order):
-        order = order[: body.top_n]
-    results = [
-        {
-            "index": i,
-            "document": _echo(documents[i]) if body.return_documents else None,
-            "relevance_score": scores[i],
-        }
-        for i in order
-    ]
-    num_tokens = plan.num_usage_tokens
-    return FastJSONResponse(
-        {
-            "id": state.response_id("score", http, body.request_id),
-            "model": body.model or state.served_name,
-            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
-            "results": results,
-        }
-    )
+    rid, model = state.response_id("score", http, body.request_id), body.model or state.served_name
+
+    def answer() -> FastJSONResponse:
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep document order
+        if 0 < body.top_n < len(order):
+            order = order[: body.top_n]
+        results = [
+            {
+                "index": i,
+                "document": _echo(documents[i]) if body.return_documents else None,
+                "relevance_score": scores[i],
+            }
+            for i in order
+        ]
+        num_tokens = plan.num_usage_tokens
+        return FastJSONResponse(
+            {
+                "id": rid,
+                "model": model,
+                "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+                "results": results,
+            }
+        )
+
+    return await state.respond(len(scores), answer)
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, include_in_schema=False)
