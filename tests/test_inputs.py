@@ -250,3 +250,69 @@ def test_texts_are_tokenized_a_chunk_at_a_time_with_the_same_ids(llm, monkeypatc
     encoded = list(llm.engine.inputs.encode(pairs, TruncationOptions()))
     assert [e.ids for e in encoded] == [tok(a, b).input_ids for a, b in pairs]
     assert max(calls) == 3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("limit", [20, 21])  # an odd budget gives the longer side the extra token
+@pytest.mark.parametrize("long_side", ["first", "second"])
+@pytest.mark.parametrize("short_words", [3, 40])  # 40 words: the short side must be truncated too
+def test_a_pair_with_one_long_side_is_read_only_as_far_as_its_kept_tokens(
+    make_model, make_llm, monkeypatch, side, limit, long_side, short_words
+):
+    """A (query, document) pair whose document is 60k characters: the document is read a window at
+    a time, and the pair keeps exactly the tokens transformers' longest-first truncation keeps."""
+    from transformers import AutoTokenizer
+
+    from winnow.inputs.prompts import TruncationOptions
+
+    path = make_model("bert", "seq", num_labels=1)
+    processor = make_llm(path).engine.inputs
+    long_text = " ".join(f"{w} fox{i % 7}" for i, w in enumerate(PROMPTS[3].split() * 600))
+    short_text = " ".join(f"w{i % 9}" for i in range(short_words))
+    pair = (long_text, short_text) if long_side == "first" else (short_text, long_text)
+    read: list[int] = []
+    tokenizers = processor.tokenizers
+    real_encode, real_offsets = tokenizers.encode, tokenizers.encode_with_offsets
+    monkeypatch.setattr(
+        tokenizers,
+        "encode",
+        lambda inputs, **kw: read.extend(len(a) + len(b) for a, b in inputs) or real_encode(inputs, **kw),
+    )
+    monkeypatch.setattr(tokenizers, "encode_with_offsets", lambda t: read.append(len(t[0])) or real_offsets(t))
+    [got] = processor.encode([pair], TruncationOptions(limit, side, add_special_tokens=True))
+    reference = AutoTokenizer.from_pretrained(path, truncation_side=side)
+    assert got.ids == reference(*pair, truncation=True, max_length=limit)["input_ids"]
+    assert max(read) < len(long_text) // 10
+
+
+@pytest.mark.parametrize("limit", [20, 21])  # an odd budget gives the longer side the extra token
+@pytest.mark.parametrize("longer", ["first", "second", "tie"])
+def test_a_pair_with_two_long_sides_keeps_what_transformers_keeps(make_model, make_llm, monkeypatch, limit, longer):
+    """Both sides long: each is cut to a window (read whole, the tokenizer pairs every overflow window
+    of one side with every window of the other: two 60k-character texts at 21 tokens took minutes),
+    and the pair keeps exactly the tokens of transformers' longest-first truncation, odd token
+    included."""
+    from transformers import AutoTokenizer
+
+    from winnow.inputs.prompts import TruncationOptions
+
+    path = make_model("bert", "seq", num_labels=1)
+    processor = make_llm(path).engine.inputs
+    # Long enough to be cut (over 16 characters per kept token), short enough for transformers'
+    # own pair truncation, the reference, to finish: it has the quadratic cost too.
+    words = {"first": (500, 450), "second": (450, 500), "tie": (500, 500)}[longer]
+    first = " ".join(f"fox{i % 7}" for i in range(words[0]))
+    second = " ".join(f"cow{i % 5}" for i in range(words[1]))
+    encoded: list[tuple[int, int]] = []
+    tokenizers = processor.tokenizers
+    real_encode = tokenizers.encode
+    monkeypatch.setattr(
+        tokenizers,
+        "encode",
+        lambda inputs, **kw: encoded.extend((len(a), len(b)) for a, b in inputs) or real_encode(inputs, **kw),
+    )
+    [got] = processor.encode([(first, second)], TruncationOptions(limit, "right", add_special_tokens=True))
+    reference = AutoTokenizer.from_pretrained(path)
+    assert got.ids == reference(first, second, truncation=True, max_length=limit)["input_ids"]
+    [(sent_first, sent_second)] = encoded
+    assert sent_first < len(first) and sent_second < len(second)  # both sides went to the tokenizer cut

@@ -12,7 +12,7 @@ import operator
 import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from tokenizers import Encoding
 
@@ -202,8 +202,11 @@ class InputProcessor:
         limit = options.max_tokens
         side = options.side if limit is not None else "right"
         max_length = limit if limit is not None else self.max_model_len + 1
-        if not pair:  # texts; a pair's truncation depends on both sides' lengths, so pairs are read whole
-            inputs = [self._kept_part(text, max_length, side) for text in inputs]  # type: ignore[arg-type]
+        if pair:
+            pairs = cast(Sequence[tuple[str, str]], inputs)
+            inputs = [self._kept_pair(first, second, max_length, side) for first, second in pairs]
+        else:
+            inputs = [self._kept_part(text, max_length, side) for text in cast(Sequence[str], inputs)]
         return self.tokenizers.encode(
             inputs, add_special_tokens=options.add_special_tokens, max_length=max_length, side=side
         )
@@ -233,6 +236,38 @@ class InputProcessor:
                     return part[cut:]
             window *= 4
         return text
+
+    def _kept_pair(self, first: str, second: str, max_tokens: int, side: str) -> tuple[str, str]:
+        """A pair with its long sides cut to what a truncation to ``max_tokens`` can keep of them.
+
+        Pairs truncate longest-first: the shorter side keeps up to half the budget, and when both
+        must be cut the odd token goes to the side with more tokens (the second on a tie). So a long
+        side is cut (``_kept_part``) to more tokens than ``max_tokens``, and than the other side where
+        that decides who is longer: every token either side keeps stays as it was. Read whole, two
+        long sides also made the tokenizer pair up every overflow window of one with every window
+        of the other (two 60k-character texts at 21 tokens: minutes)."""
+        limit = _KEPT_CHARS_PER_TOKEN * max_tokens
+        first_long, second_long = len(first) > limit, len(second) > limit
+        if not (first_long or second_long):
+            return first, second
+        if first_long != second_long:
+            [short] = self.tokenizers.encode_with_offsets([second if first_long else first])
+            keep = max(max_tokens, len(short.ids) + 1)
+            if first_long:
+                return self._kept_part(first, keep, side), second
+            return first, self._kept_part(second, keep, side)
+        budget = max_tokens - self.tokenizers.num_special_tokens(pair=True)
+        if budget % 2 == 0:  # each side keeps half, whichever is longer
+            return self._kept_part(first, max_tokens, side), self._kept_part(second, max_tokens, side)
+        # The odd token goes by the full lengths, so count both (linear), then cut in that order.
+        n_first, n_second = (len(e.ids) for e in self.tokenizers.encode_with_offsets([first, second]))
+        if n_first > n_second:
+            second = self._kept_part(second, max_tokens, side)
+            [cut] = self.tokenizers.encode_with_offsets([second])
+            return self._kept_part(first, max(max_tokens, len(cut.ids) + 1), side), second
+        first = self._kept_part(first, max_tokens, side)
+        [cut] = self.tokenizers.encode_with_offsets([first])
+        return first, self._kept_part(second, max(max_tokens, len(cut.ids)), side)
 
     def check(self, prompt: TokenizedPrompt, index: int, *, truncated: bool) -> None:
         n = len(prompt.token_ids)
