@@ -352,3 +352,14 @@ def test_abort_drops_a_whole_group_and_keeps_the_others_turns():
     assert scheduler.num_waiting == 3
     assert scheduler.waiting_tokens == 50
     assert [ids(b) for b in drain(scheduler)] == [[0], [200], [1]]
+
+
+def test_abort_within_a_group_searches_only_that_group():
+    scheduler = Scheduler(max_num_batched_tokens=1000, max_num_seqs=8, padded_cost=False)
+    [kept] = add_group(scheduler, 1, 0, [10])
+    gone = add_group(scheduler, 2, 100, [20, 30])
+    scheduler.abort({kept.request_id, *(r.request_id for r in gone)}, group=2)
+    assert scheduler.waiting == [kept]
+    assert (scheduler.num_waiting, scheduler.waiting_tokens) == (1, 10)
+    scheduler.abort({"0"}, group=7)  # a group with nothing waiting
+    assert scheduler.waiting == [kept]

@@ -124,7 +124,8 @@ class AsyncEngine:
                 raise InvalidInputError("Request ids must be unique among the requests in flight.")
             # In bulk, not request by request: the event loop holds this lock (200k prompts: ~0.1 s).
             self._pending.update(zip(ids, zip(itertools.repeat(call), range(len(ids)))))
-            self.core.add_requests(requests, next(self._groups))
+            group = next(self._groups)
+            self.core.add_requests(requests, group)
             cpu = self.core.cpu
             if cpu is not None and cpu.free == cpu.cores:
                 self._cond.notify_all()  # every worker idle: a lone request is the wide worker's (_ready)
@@ -133,13 +134,14 @@ class AsyncEngine:
         try:
             return await call.future
         except BaseException:
-            self.abort(ids)
+            self.abort(ids, group)
             raise
 
-    def abort(self, request_ids: Sequence[str]) -> None:
+    def abort(self, request_ids: Sequence[str], group: int | None = None) -> None:
+        """Drop these requests; ``group``: the call they came in, if known (only it is searched)."""
         ids = set(request_ids)
         with self._cond:
-            self.core.abort_requests(ids)
+            self.core.abort_requests(ids, group)
             for rid in ids:
                 self._pending.pop(rid, None)
 

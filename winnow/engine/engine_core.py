@@ -67,9 +67,10 @@ class EngineCore:
         """``group``: the call they came with; groups take turns to anchor batches (engine/scheduler.py)."""
         self.scheduler.extend(requests, group)
 
-    def abort_requests(self, request_ids: set[str]) -> None:
-        """Drop these requests if they still wait, and a batch ``step`` launched that holds any of them."""
-        self.scheduler.abort(request_ids)
+    def abort_requests(self, request_ids: set[str], group: int | None = None) -> None:
+        """Drop these requests if they still wait, and a batch ``step`` launched that holds any of them.
+        ``group``: the only group they can be waiting in, if known."""
+        self.scheduler.abort(request_ids, group)
         if self._in_flight is not None and any(r.request_id in request_ids for r in self._in_flight.requests):
             self._in_flight = None
 

@@ -45,18 +45,20 @@ class Scheduler:
         self.num_waiting += len(requests)
         self.waiting_tokens += sum(r.num_tokens for r in requests)
 
-    def abort(self, request_ids: set[str]) -> None:
-        """Drop waiting requests (a client went away); running ones finish with their batch."""
-        for group, requests in list(self.groups.items()):
+    def abort(self, request_ids: set[str], group: int | None = None) -> None:
+        """Drop waiting requests (a client went away); running ones finish with their batch.
+        ``group``: search only that group (its call is known), not every waiting request."""
+        searched = list(self.groups.items()) if group is None else [(group, self.groups.get(group, deque()))]
+        for key, requests in searched:
             kept = deque(r for r in requests if r.request_id not in request_ids)
             if len(kept) == len(requests):
                 continue
             self.num_waiting -= len(requests) - len(kept)
             self.waiting_tokens -= sum(r.num_tokens for r in requests) - sum(r.num_tokens for r in kept)
             if kept:
-                self.groups[group] = kept
+                self.groups[key] = kept
             else:
-                del self.groups[group]
+                del self.groups[key]
 
     @property
     def waiting(self) -> list[Request]:
