@@ -408,10 +408,11 @@ class LLM:
                 chunk = next(pending, None)
                 if chunk is None:
                     return
-                for prompt in chunk:
-                    request_ids.append(str(next(self._request_counter)))
-                    core.add_requests([Request(request_ids[-1], prompt, params[len(prompts)])])
-                    prompts.append(prompt)
+                first = len(prompts)
+                ids = [str(next(self._request_counter)) for _ in chunk]
+                core.add_requests([Request(rid, p, params[first + k]) for k, (rid, p) in enumerate(zip(ids, chunk))])
+                request_ids.extend(ids)
+                prompts.extend(chunk)
 
         results: dict[str, torch.Tensor] = {}
         bar_class = use_tqdm if callable(use_tqdm) else tqdm
