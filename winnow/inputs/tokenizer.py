@@ -74,14 +74,10 @@ class TokenizerGroup:
         add_special_tokens: bool = True,
         max_length: int | None = None,
         side: str = "right",
-        token_strings: bool = False,
     ) -> list[Encoding]:
-        """Encode texts or (text, text_pair) tuples; with ``max_length``, truncate like HF (longest_first).
-        Ids and type ids only, unless ``token_strings``: the encodings then carry the token strings and
-        offsets too, which cost ~20 % more time (all-MiniLM-L6-v2, 72-token texts: 165 -> 130 us each)."""
+        """Encode texts or (text, text_pair) tuples; with ``max_length``, truncate like HF (longest_first)."""
         tokenizer = self._base if max_length is None else self._truncating(max_length, side)
-        encode = tokenizer.encode_batch if token_strings else tokenizer.encode_batch_fast
-        return encode(list(inputs), add_special_tokens=add_special_tokens)
+        return tokenizer.encode_batch(list(inputs), add_special_tokens=add_special_tokens)
 
     def encode_with_offsets(self, texts: Sequence[str]) -> list[Encoding]:
         """Content tokens only (no special tokens), with character offsets for exact text cuts."""

@@ -25,9 +25,7 @@ async def tokenize(body: TokenizeRequest, http: HTTPRequest) -> TokenizeResponse
         text = body.prompt
         add_special = body.add_special_tokens if body.add_special_tokens is not None else True
     text = state.inputs.normalize_text(text)
-    [encoding] = await state.off_loop(
-        lambda: state.inputs.tokenizers.encode([text], add_special_tokens=add_special, token_strings=True)
-    )
+    [encoding] = await state.off_loop(lambda: state.inputs.tokenizers.encode([text], add_special_tokens=add_special))
     return TokenizeResponse(
         count=len(encoding.ids),
         max_model_len=state.model_config.max_model_len,
