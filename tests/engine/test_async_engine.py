@@ -468,3 +468,70 @@ def test_a_call_fails_whole_when_one_of_its_batches_fails(model_path, reference)
 
     with serving(model_path, max_num_seqs=1) as (engine, served, _):
         run_bounded(main(engine, served))
+
+
+def test_a_large_call_is_submitted_a_chunk_at_a_time_with_the_loop_free_between(model_path, monkeypatch):
+    """Chunks of 2, the loop thread stopped: the queue grows 2, 4, 6, 7 while this coroutine gets a
+    turn between chunks; cancelled, the call leaves nothing queued, pending or reserved."""
+    from winnow.engine import async_engine
+
+    monkeypatch.setattr(async_engine, "_SUBMIT_CHUNK", 2)
+
+    async def main(engine: Engine, served: AsyncEngine) -> list[int]:
+        run = asyncio.ensure_future(served.run(make_requests(engine, PROMPTS[:7])))
+        seen = []
+        for _ in range(4):
+            await asyncio.sleep(0)
+            seen.append(engine.core.scheduler.num_waiting)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        return seen
+
+    with serving(model_path, start=False) as (engine, served, _):
+        assert run_bounded(main(engine, served)) == [2, 4, 6, 7]
+        assert (engine.core.scheduler.num_waiting, served.num_pending, served._reserved) == (0, 0, 0)
+
+
+def test_a_call_submitted_in_chunks_gets_the_offline_results(model_path, reference, monkeypatch):
+    from winnow.engine import async_engine
+
+    monkeypatch.setattr(async_engine, "_SUBMIT_CHUNK", 2)
+    prompts = PROMPTS[:7]
+    with serving(model_path) as (engine, served, _):
+        got = run_bounded(served.run(make_requests(engine, prompts)))
+        assert (served.num_pending, served._reserved) == (0, 0)
+    assert_outputs(got, reference(prompts))
+
+
+def test_capacity_counts_the_chunks_a_call_has_yet_to_submit(model_path, monkeypatch):
+    from winnow.engine import async_engine
+
+    monkeypatch.setattr(async_engine, "_SUBMIT_CHUNK", 2)
+
+    async def main(engine: Engine, served: AsyncEngine) -> None:
+        large = asyncio.ensure_future(served.run(make_requests(engine, PROMPTS[:8])))
+        await asyncio.sleep(0)  # its first chunk is queued, six requests are reserved
+        assert (served.num_pending, served._reserved) == (2, 6)
+        with pytest.raises(EngineOverloadedError):
+            await served.run(make_requests(engine, ["hello"]))  # 8 + 1 > 8
+        large.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await large
+
+    with serving(model_path, start=False, max_pending_requests=8) as (engine, served, _):
+        run_bounded(main(engine, served))
+        assert (engine.core.scheduler.num_waiting, served.num_pending, served._reserved) == (0, 0, 0)
+
+
+def test_a_repeated_id_in_a_later_chunk_refuses_the_call_and_leaves_nothing_behind(model_path, monkeypatch):
+    from winnow import InvalidInputError
+    from winnow.engine import async_engine
+
+    monkeypatch.setattr(async_engine, "_SUBMIT_CHUNK", 2)
+    with serving(model_path, start=False) as (engine, served, _):
+        requests = make_requests(engine, PROMPTS[:3])
+        repeated = [*requests, Request(requests[0].request_id, requests[0].prompt, CLASSIFY)]  # chunks [0, 1], [2, 0]
+        with pytest.raises(InvalidInputError, match="unique"):
+            run_bounded(served.run(repeated))
+        assert (engine.core.scheduler.num_waiting, served.num_pending, served._reserved) == (0, 0, 0)

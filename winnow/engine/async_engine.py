@@ -31,6 +31,7 @@ from winnow.errors import EngineDeadError, EngineOverloadedError, InvalidInputEr
 logger = logging.getLogger(__name__)
 
 _Output = torch.Tensor | BaseException
+_SUBMIT_CHUNK = 4096  # requests queued per hold of the engine lock by ``run``
 _Launch = tuple[list[Request], "InFlight | BaseException"]  # a batch and its handle, or why it failed to launch
 
 
@@ -69,6 +70,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._pending: dict[str, tuple[_Call, int]] = {}  # request id -> its call and its place there
         self._groups = itertools.count(1)  # each call is one scheduler group (0: ``LLM``'s requests)
+        self._reserved = 0  # admitted requests of calls still submitting their chunks
         self._stopping = False
         self._dead: BaseException | None = None
         self._threads = [
@@ -114,33 +116,55 @@ class AsyncEngine:
         with self._cond:
             if self._dead is not None or self._stopping:
                 raise EngineDeadError("The engine is shutting down or has stopped; no new requests are accepted.")
-            limit = self.max_pending_requests
-            if limit is not None and len(self._pending) + len(requests) > limit:
+            limit, in_flight = self.max_pending_requests, len(self._pending) + self._reserved
+            if limit is not None and in_flight + len(requests) > limit:
                 raise EngineOverloadedError(
-                    f"The server is at capacity ({len(self._pending)} requests in flight, limit {limit}); retry later."
+                    f"The server is at capacity ({in_flight} requests in flight, limit {limit}); retry later."
                 )
-            ids = [r.request_id for r in requests]
+            group = next(self._groups)
+            self._reserved += len(requests)
+        ids = [r.request_id for r in requests]
+        submitted = 0
+        try:
+            # A chunk at a time, the event loop free between chunks: submitting 200k prompts at once
+            # held it (and every other client) for ~0.1 s.
+            for start in range(0, len(requests), _SUBMIT_CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                    if call.future.done():  # a batch of it failed already
+                        break
+                chunk = requests[start : start + _SUBMIT_CHUNK]
+                self._submit(call, group, chunk, ids[start : start + _SUBMIT_CHUNK], start)
+                submitted += len(chunk)
+            return await call.future
+        except BaseException:
+            # Only what this call queued: a refused chunk's ids may be another call's.
+            self.abort(ids[:submitted], group, unreserve=len(requests) - submitted)
+            raise
+
+    def _submit(self, call: _Call, group: int, requests: Sequence[Request], ids: list[str], start: int) -> None:
+        """Queue one chunk of a call; its reservation becomes pending requests."""
+        with self._cond:
+            if self._dead is not None or self._stopping:
+                raise EngineDeadError("The engine is shutting down or has stopped; no new requests are accepted.")
+            # Earlier chunks are pending already, so a repeat across chunks is caught here too.
             if len(set(ids)) != len(ids) or not self._pending.keys().isdisjoint(ids):
                 raise InvalidInputError("Request ids must be unique among the requests in flight.")
-            # In bulk, not request by request: the event loop holds this lock (200k prompts: ~0.1 s).
-            self._pending.update(zip(ids, zip(itertools.repeat(call), range(len(ids)))))
-            group = next(self._groups)
+            self._pending.update(zip(ids, zip(itertools.repeat(call), range(start, start + len(ids)))))
+            self._reserved -= len(ids)
             self.core.add_requests(requests, group)
             cpu = self.core.cpu
             if cpu is not None and cpu.free == cpu.cores:
                 self._cond.notify_all()  # every worker idle: a lone request is the wide worker's (_ready)
             else:
                 self._cond.notify()
-        try:
-            return await call.future
-        except BaseException:
-            self.abort(ids, group)
-            raise
 
-    def abort(self, request_ids: Sequence[str], group: int | None = None) -> None:
-        """Drop these requests; ``group``: the call they came in, if known (only it is searched)."""
+    def abort(self, request_ids: Sequence[str], group: int | None = None, *, unreserve: int = 0) -> None:
+        """Drop these requests; ``group``: the call they came in, if known (only it is searched);
+        ``unreserve``: how many of them were admitted but never submitted."""
         ids = set(request_ids)
         with self._cond:
+            self._reserved -= unreserve
             self.core.abort_requests(ids, group)
             for rid in ids:
                 self._pending.pop(rid, None)
