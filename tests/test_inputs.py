@@ -316,3 +316,33 @@ def test_a_pair_with_two_long_sides_keeps_what_transformers_keeps(make_model, ma
     assert got.ids == reference(first, second, truncation=True, max_length=limit)["input_ids"]
     [(sent_first, sent_second)] = encoded
     assert sent_first < len(first) and sent_second < len(second)  # both sides went to the tokenizer cut
+
+
+def test_a_large_call_tokenized_on_two_threads_equals_one_thread_and_names_the_first_bad_prompt(
+    make_model, make_llm, monkeypatch
+):
+    """CPU, two workers: a call of at least ``_TWO_THREAD_TOKENIZE`` prompts is split between the
+    calling thread and a helper; the ids are the same, in order, and of two bad prompts the one with
+    the lower index is reported, wherever it falls."""
+    from winnow import llm as llm_module
+
+    llm = make_llm(make_model("bert", "seq", num_labels=2), cpu_workers=2)
+    assert llm.engine.core.workers == 2
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(40)]
+    monkeypatch.setattr(llm_module, "_TWO_THREAD_TOKENIZE", 10**9)
+    one_thread = [o.prompt_token_ids for o in llm.classify(texts, use_tqdm=False)]
+    monkeypatch.setattr(llm_module, "_TWO_THREAD_TOKENIZE", 8)
+    helper_calls = []
+    real_process = llm.engine.inputs.process
+    monkeypatch.setattr(
+        llm.engine.inputs,
+        "process",
+        lambda prompts, options, offset=0: helper_calls.append(offset) or real_process(prompts, options, offset=offset),
+    )
+    two_threads = [o.prompt_token_ids for o in llm.classify(texts, use_tqdm=False)]
+    assert two_threads == one_thread
+    assert sorted(helper_calls) == [0, 20]
+    for bad in ([25], [5, 25]):
+        broken = [("" if i in bad else t) for i, t in enumerate(texts)]
+        with pytest.raises(InvalidInputError, match=f"Prompt {bad[0]} is empty"):
+            llm.classify(broken, use_tqdm=False)

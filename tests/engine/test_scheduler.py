@@ -363,3 +363,9 @@ def test_abort_within_a_group_searches_only_that_group():
     assert (scheduler.num_waiting, scheduler.waiting_tokens) == (1, 10)
     scheduler.abort({"0"}, group=7)  # a group with nothing waiting
     assert scheduler.waiting == [kept]
+
+
+def test_adding_no_requests_adds_no_group():
+    scheduler = Scheduler(max_num_batched_tokens=100, max_num_seqs=4, padded_cost=False)
+    scheduler.extend([], group=3)
+    assert scheduler.groups == {} and scheduler.schedule() == []

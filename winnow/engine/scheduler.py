@@ -41,6 +41,8 @@ class Scheduler:
     def extend(self, requests: Sequence[Request], group: int = 0) -> None:
         """Queue ``requests``; requests added with the same ``group`` came in one call. A new group
         takes its turn after the groups already waiting."""
+        if not requests:
+            return  # an empty group would be a turn with nothing to anchor
         self.groups.setdefault(group, deque()).extend(requests)
         self.num_waiting += len(requests)
         self.waiting_tokens += sum(r.num_tokens for r in requests)
