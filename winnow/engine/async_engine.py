@@ -39,7 +39,7 @@ _Launch = tuple[list[Request], "InFlight | BaseException"]  # a batch and its ha
 class _Call:
     """One ``run`` call: its outputs gather here, under the engine's lock, and settle its one future
     when the last arrives (or the first error does). One future and one wake-up per call, not per
-    request: a call of 200k prompts would otherwise hold the event loop for a second with futures."""
+    request: a call of 200k prompts would otherwise create and gather 200k futures on the event loop."""
 
     future: asyncio.Future[list[torch.Tensor]]
     loop: asyncio.AbstractEventLoop
