@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_models import PROMPTS
 from winnow import InvalidInputError, PoolingParams, UnsupportedTaskError
 
 QUERY = "what is the capital of france?"
@@ -144,3 +145,24 @@ def test_use_activation_on_scores(make_model, make_llm, hf_reference):
     assert raw.outputs.score == pytest.approx(_pair_logit(hf_reference, path, QUERY, DOCS[0]).item(), abs=1e-5)
     with pytest.raises(InvalidInputError, match="only supports"):
         llm.score(QUERY, DOCS[0], pooling_params=PoolingParams(dimensions=4), use_tqdm=False)
+
+
+def test_a_large_cross_encoder_score_on_two_threads_equals_one_thread(make_model, make_llm, monkeypatch):
+    """CPU, two workers: the pairs after the first chunk are planned half on a helper thread; the
+    scores and token ids are the same, and a pair too long in either half is reported by its index."""
+    from winnow import PromptTooLongError
+    from winnow import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "_TOKENIZE_CHUNK", 4)
+    llm = make_llm(make_model("bert", "seq", num_labels=1), cpu_workers=2)
+    documents = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(30)]
+    monkeypatch.setattr(llm_module, "_TWO_THREAD_TOKENIZE", 10**9)
+    one_thread = llm.score("what is this?", documents, use_tqdm=False)
+    monkeypatch.setattr(llm_module, "_TWO_THREAD_TOKENIZE", 8)
+    two_threads = llm.score("what is this?", documents, use_tqdm=False)
+    assert [o.prompt_token_ids for o in two_threads] == [o.prompt_token_ids for o in one_thread]
+    assert [o.outputs.score for o in two_threads] == pytest.approx([o.outputs.score for o in one_thread], abs=1e-6)
+    for bad in (7, 25):  # the first half of the rest, then the second
+        broken = [(" ".join(["word"] * 200) if i == bad else d) for i, d in enumerate(documents)]
+        with pytest.raises(PromptTooLongError, match=rf"\(index {bad}\)"):
+            llm.score("what is this?", broken, use_tqdm=False)

@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -67,6 +67,7 @@ _IGNORED_VLLM_ARGS = frozenset(
     }
 )
 UseTqdm = bool | Callable[..., tqdm]
+_T = TypeVar("_T")
 
 # Prompts tokenized at a time where tokenizing overlaps the device's work (GPU): large enough for the
 # tokenizer's thread pool, small enough that the first batch starts soon.
@@ -316,21 +317,24 @@ class LLM:
         use_tqdm: UseTqdm,
     ) -> list[ScoringRequestOutput]:
         """``score`` for a cross-encoder: each pair is its own prompt, so pairs are planned and
-        tokenized ``_TOKENIZE_CHUNK`` at a time, as ``_run`` takes them (all before the first step on
-        a CPU, between steps on a GPU). The first chunk is planned before any work, so a call the
-        model cannot serve fails at once."""
+        tokenized ``_TOKENIZE_CHUNK`` at a time between steps on a GPU, as ``_run`` takes them, and
+        all before the first step on a CPU (``_on_two_threads``). The first chunk is planned before
+        any work, so a call the model cannot serve fails at once."""
         num_pairs = len(pair_up(queries, documents))  # checks the call's shapes over all of it
+
+        def plan(start: int, stop: int) -> ScorePlan:
+            return plan_for(queries if len(queries) == 1 else queries[start:stop], documents[start:stop], offset=start)
+
         size = _TOKENIZE_CHUNK
-        plans = (
-            plan_for(
-                queries if len(queries) == 1 else queries[start : start + size],
-                documents[start : start + size],
-                offset=start,
+        first = plan(0, size)
+        chunks: Iterable[list[TokenizedPrompt]]
+        if self.engine.core.overlaps:
+            chunks = itertools.chain(
+                [first.prompts], (plan(start, start + size).prompts for start in range(size, num_pairs, size))
             )
-            for start in range(0, num_pairs, size)
-        )
-        first = next(plans)
-        chunks = itertools.chain([first.prompts], (plan.prompts for plan in plans))
+        else:  # all before the first step, so on two threads where there are two CPU workers
+            rest = self._on_two_threads(max(0, num_pairs - size), lambda a, b: plan(size + a, size + b).prompts)
+            chunks = [first.prompts + rest]
         ids, outputs, prompts = self._run(chunks, [first.params] * num_pairs, use_tqdm)
         scores = first.scores(outputs)  # a cross-encoder's score is its prompt's own output
         return [
@@ -396,19 +400,26 @@ class LLM:
             yield self.engine.inputs.process(prompts[start : start + _TOKENIZE_CHUNK], truncation, offset=start)
 
     def _tokenize_now(self, prompts: list[Prompt], truncation: TruncationOptions) -> list[TokenizedPrompt]:
-        """Every prompt, before the first step (CPU). The cores are idle meanwhile, so with several
-        CPU workers a large call is split between this thread and a helper: the Rust tokenizer
-        releases the GIL while it works (2,048 workload texts: ~0.35 s on one thread, half on two).
-        The first bad prompt by index still names the error."""
+        """Every prompt, before the first step (CPU)."""
         process = self.engine.inputs.process
-        if self.engine.core.workers < 2 or len(prompts) < _TWO_THREAD_TOKENIZE:
-            return process(prompts, truncation)
+        return self._on_two_threads(len(prompts), lambda a, b: process(prompts[a:b], truncation, offset=a))
+
+    def _on_two_threads(self, n: int, work: Callable[[int, int], list[_T]]) -> list[_T]:
+        """``work(start, stop)`` over ``[0, n)``: tokenizing, before a CPU call's first step. The cores
+        are idle meanwhile, so with several CPU workers a large call is split between this thread
+        and a helper: the Rust tokenizer releases the GIL while it works (2,048 workload texts:
+        ~0.35 s on one thread, half on two). The lower half's error, if any, is the one raised, so
+        the first bad prompt by index still names it."""
+        if n == 0:
+            return []
+        if self.engine.core.workers < 2 or n < _TWO_THREAD_TOKENIZE:
+            return work(0, n)
         if self._tokenize_helper is None:
             self._tokenize_helper = concurrent.futures.ThreadPoolExecutor(1, "winnow-tokenize")
-        half = len(prompts) // 2
-        second = self._tokenize_helper.submit(process, prompts[half:], truncation, offset=half)
+        half = n // 2
+        second = self._tokenize_helper.submit(work, half, n)
         try:
-            first = process(prompts[:half], truncation)
+            first = work(0, half)
         finally:
             concurrent.futures.wait([second])  # never leave it running behind an error
         return first + second.result()
