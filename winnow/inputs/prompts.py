@@ -259,15 +259,14 @@ class InputProcessor:
         budget = max_tokens - self.tokenizers.num_special_tokens(pair=True)
         if budget % 2 == 0:  # each side keeps half, whichever is longer
             return self._kept_part(first, max_tokens, side), self._kept_part(second, max_tokens, side)
-        # The odd token goes by the full lengths, so count both (linear), then cut in that order.
+        # The odd token goes by the full lengths, so count both (linear); then the shorter side is
+        # cut first and the longer one to more tokens than that (or as many: a tie favours the second).
         n_first, n_second = (len(e.ids) for e in self.tokenizers.encode_with_offsets([first, second]))
-        if n_first > n_second:
-            second = self._kept_part(second, max_tokens, side)
-            [cut] = self.tokenizers.encode_with_offsets([second])
-            return self._kept_part(first, max(max_tokens, len(cut.ids) + 1), side), second
-        first = self._kept_part(first, max_tokens, side)
-        [cut] = self.tokenizers.encode_with_offsets([first])
-        return first, self._kept_part(second, max(max_tokens, len(cut.ids)), side)
+        first_longer = n_first > n_second
+        shorter = self._kept_part(second if first_longer else first, max_tokens, side)
+        [cut] = self.tokenizers.encode_with_offsets([shorter])
+        longer = self._kept_part(first if first_longer else second, max(max_tokens, len(cut.ids) + first_longer), side)
+        return (longer, shorter) if first_longer else (shorter, longer)
 
     def check(self, prompt: TokenizedPrompt, index: int, *, truncated: bool) -> None:
         n = len(prompt.token_ids)

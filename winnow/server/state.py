@@ -209,13 +209,14 @@ class ServerState:
         def make_requests() -> list[Request]:
             return [Request(f"{batch_id}-{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
 
-        requests = make_requests() if len(prompts) <= LARGE_CALL else await self.off_loop(make_requests)
+        requests = await self.off_loop_if_large(len(prompts), make_requests)
         return await _until_disconnected(http, engine.run(requests))
 
-    async def respond(self, size: int, build: Callable[[], _T]) -> _T:
-        """The answer ``build`` renders for a call of ``size`` prompts: in a worker thread above
-        ``LARGE_CALL``, where rendering would hold the event loop for every other client."""
-        return build() if size <= LARGE_CALL else await self.off_loop(build)
+    async def off_loop_if_large(self, size: int, fn: Callable[[], _T]) -> _T:
+        """``fn()`` for a call of ``size`` prompts (building its engine requests, rendering its
+        answer): in a worker thread above ``LARGE_CALL``, where it would hold the event loop for
+        every other client; here below it."""
+        return fn() if size <= LARGE_CALL else await self.off_loop(fn)
 
 
 def _tune_gc_for_serving() -> None:

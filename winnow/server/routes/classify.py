@@ -39,4 +39,4 @@ async def classify(body: ClassifyRequest, http: HTTPRequest) -> FastJSONResponse
             data.append({"index": index, "label": id2label.get(best), "probs": probs, "num_classes": len(probs)})
         return FastJSONResponse(list_body(rid, model, data, sum(len(p.token_ids) for p in prompts)))
 
-    return await state.respond(len(outputs), answer)
+    return await state.off_loop_if_large(len(outputs), answer)

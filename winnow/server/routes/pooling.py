@@ -80,7 +80,7 @@ async def pooling(body: PoolingRequest, http: HTTPRequest) -> Response:
         ]
         return FastJSONResponse(list_body(rid, model, data, num_tokens))
 
-    return await state.respond(len(outputs), answer)
+    return await state.off_loop_if_large(len(outputs), answer)
 
 
 @embeddings_router.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -120,7 +120,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest) -> FastJSONRespo
             }
         )
 
-    return await state.respond(len(outputs), answer)
+    return await state.off_loop_if_large(len(outputs), answer)
 
 
 @embeddings_router.post("/v2/embed", response_model=CohereEmbedResponse)
@@ -165,7 +165,7 @@ async def cohere_embed(body: CohereEmbedRequest, http: HTTPRequest) -> FastJSONR
             }
         )
 
-    return await state.respond(len(outputs), answer)
+    return await state.off_loop_if_large(len(outputs), answer)
 
 
 def _cohere_embeddings(outputs: list[torch.Tensor], kind: str) -> list[Any]:

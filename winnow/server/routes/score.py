@@ -36,7 +36,7 @@ async def score(body: ScoreRequest, http: HTTPRequest) -> FastJSONResponse:
         data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
         return FastJSONResponse(list_body(rid, model, data, plan.num_usage_tokens))
 
-    return await state.respond(len(scores), answer)
+    return await state.off_loop_if_large(len(scores), answer)
 
 
 @router.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
@@ -79,7 +79,7 @@ async def rerank(body: RerankRequest, http: HTTPRequest) -> FastJSONResponse:
             }
         )
 
-    return await state.respond(len(scores), answer)
+    return await state.off_loop_if_large(len(scores), answer)
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, include_in_schema=False)
