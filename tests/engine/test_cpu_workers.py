@@ -26,7 +26,7 @@ from winnow.engine.builder import EngineArgs, _cpu_workers, build_engine
 from winnow.engine.cpu_cores import CpuCores
 from winnow.engine.request import Request
 from winnow.inputs.prompts import TruncationOptions, parse_prompts
-from winnow.layers.quant import compile_variants
+from winnow.layers.quant import compile_variants, int8_scheme
 from winnow.params import PoolingParams
 
 ATOL = 1e-5  # float32; a batch on one thread sums in another order than on two
@@ -113,7 +113,7 @@ def two_workers(path, **kwargs) -> LLM:
     llm = LLM(str(path), device="cpu", dtype="float32", cpu_workers=1, max_num_batched_tokens=96, **kwargs)
     llm.engine.core.cpu = CpuCores(cores=2, workers=2)
     if kwargs.get("quantization") == "int8":  # as the builder does for the workers it sets up
-        compile_variants(torch.float32, llm.engine.core.cpu.thread_counts)
+        compile_variants(int8_scheme(), torch.float32, llm.engine.core.cpu.thread_counts)
     return llm
 
 

@@ -3,14 +3,33 @@
 Weights are int8 per output channel; activations are quantized to int8 per token, on the fly, so
 an outlier in one token does not flatten the others (a per-tensor activation scale, as torch's
 ``quantize_dynamic`` and ONNX Runtime's dynamic int8 use, measured only 0.93 cosine to float32 on
-all-MiniLM-L6-v2). The product runs as one int8 GEMM (``torch._int_mm``: VNNI on recent CPUs) and
-is rescaled in float32:
+all-MiniLM-L6-v2). The GEMM's int32 sums are exact and rescaled in float32. Two schemes, by CPU:
 
-    y = (round(x / s_x) @ round(W / s_w)^T) * s_x * s_w + b        s_x: [tokens, 1], s_w: [1, out]
+* ``s8s8`` (CPUs with VNNI or AMX, which multiply int8 into int32 directly): signed activations,
+  ``torch._int_mm``:
+
+      y = (round(x / s_x) @ round(W / s_w)^T) * s_x * s_w + b        s_x: [tokens, 1], s_w: [1, out]
+
+* ``u7s8`` (other x86 CPUs, AVX2): ``torch._int_mm`` falls back to ~2-3 GOP/s there (measured on a
+  2-core AVX2 EPYC: 13-17x slower than float32). oneDNN's u8 x s8 GEMM is fast there, but its AVX2
+  kernel adds pairs of u8 x s8 products in saturating int16 (``vpmaddubsw``): full-range u8 inputs
+  overflow. Activations are therefore quantized per token to **7-bit unsigned** codes with a
+  zero point (asymmetric: [min, max] of the row onto 0..127), so a pair is at most 2 x 127 x 127 =
+  32,258 < 32,767 and every sum stays exact:
+
+      y = ((u @ round(W / s_w)^T) - z * colsum) * s_w * s_x + b       u = round(x / s_x) + z in 0..127
+
+  ``colsum[o] = sum_i round(W / s_w)[o, i]``. Seven asymmetric bits lose little against eight
+  symmetric ones on rows that are mostly one-signed (after GELU); on real all-MiniLM-L6-v2 weights
+  the minimum cosine to float32 was 0.9947 against 0.9962 (256 texts; the gate is 0.99), and 7-bit
+  symmetric codes failed it (0.9886). On that CPU the GEMM is ~2x the float32 one
+  ([2048, 384] -> 1536: 7.7 against 15.9 ms; quantizing 0.26 ms, rescaling 0.85 ms).
 
 The elementwise work around the GEMM (quantize the rows; rescale the int32 sums) is compiled by
 Inductor into one C++ loop on each side. Run as separate eager ops it costs twice the GEMM itself
-(measured, [4096, 384] -> 1536 on 2 cores: 26.6 ms eager, 9.3 ms compiled, 6.0 ms of it the GEMM).
+(measured, s8s8, [4096, 384] -> 1536 on 2 cores: 26.6 ms eager, 9.3 ms compiled, 6.0 ms of it the
+GEMM). For ``u7s8`` the GEMM runs eagerly between the two compiled parts: Inductor takes oneDNN's
+packed int8 weights only as constants of a frozen graph.
 If compiling fails (no C++ compiler, an unsupported platform), the eager ops run instead, with the
 same numbers.
 
@@ -33,6 +52,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,6 +80,48 @@ def int8_linear(
 
 Int8LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+# The largest unsigned activation code of the u7s8 scheme (module docstring).
+_U7_MAX = 127.0
+
+
+def quantize_rows_u7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[tokens, in] -> (codes [tokens, in] uint8 in 0..127, zero points [tokens, 1], scales [tokens, 1])
+    with ``x ~ (codes - zero_point) * scale``; the range always holds 0, so a zero stays exact."""
+    rows = x.float()
+    low, high = rows.amin(dim=1, keepdim=True).clamp_max(0), rows.amax(dim=1, keepdim=True).clamp_min(0)
+    scale = ((high - low) / _U7_MAX).clamp_min(_EPS)  # [tokens, 1]
+    zero_point = (-low / scale).round()  # [tokens, 1], in 0..127
+    codes = ((rows / scale).round() + zero_point).clamp(0, _U7_MAX).to(torch.uint8)
+    return codes, zero_point, scale
+
+
+def rescale_u7(
+    sums: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``sums``: [tokens, out] float32, the GEMM's exact ``codes @ qweight^T`` times the weight scales;
+    ``colsum``: [out], ``sum(qweight, in) * weight_scale``. Returns y [tokens, out] float32."""
+    return (sums - zero_point * colsum) * scale + bias
+
+
+@dataclass(frozen=True)
+class U7Ops:
+    """The u7s8 scheme's elementwise parts (compiled, or the eager functions)."""
+
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = quantize_rows_u7
+    rescale: Callable[..., torch.Tensor] = rescale_u7
+
+
+def _has_u8s8_gemm() -> bool:
+    return hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def int8_scheme() -> str:
+    """``s8s8`` where the CPU multiplies signed int8 natively (AVX512-VNNI, AMX) or oneDNN's u8 x s8
+    GEMM is missing; ``u7s8`` elsewhere (module docstring)."""
+    if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported() or not _has_u8s8_gemm():
+        return "s8s8"
+    return "u7s8"
+
 
 @functools.cache
 def compiled_int8_linear() -> Int8LinearFn:
@@ -72,6 +134,19 @@ def compiled_int8_linear() -> Int8LinearFn:
     except Exception as exc:  # a missing or broken compiler surfaces as many exception types
         logger.warning("int8: compiling the quantize/rescale ops failed (%s); running them eagerly.", exc)
         return int8_linear
+    return compiled
+
+
+@functools.cache
+def compiled_u7_ops() -> U7Ops:
+    """``quantize_rows_u7`` and ``rescale_u7`` compiled for any number of tokens and checked against
+    the eager functions on a sample; the eager ones if either fails."""
+    compiled = U7Ops(torch.compile(quantize_rows_u7, dynamic=True), torch.compile(rescale_u7, dynamic=True))
+    try:
+        _check_same_u7(compiled)
+    except Exception as exc:  # as in compiled_int8_linear
+        logger.warning("int8: compiling the quantize/rescale ops failed (%s); running them eagerly.", exc)
+        return U7Ops()
     return compiled
 
 
@@ -95,24 +170,39 @@ def _check_same(fn: Int8LinearFn) -> None:
         torch.testing.assert_close(fn(*args), int8_linear(*args))
 
 
-def compile_variants(dtype: torch.dtype, thread_counts: tuple[int, ...]) -> None:
-    """Compile, now, every variant of the int8 kernel that a model with ``dtype`` activations runs
-    on these torch thread counts: dynamo compiles one per activation dtype, thread count and
+def _check_same_u7(ops: U7Ops) -> None:
+    x = _sample(5, torch.float32)[0]
+    with torch.inference_mode():
+        for got, want in zip(ops.quantize(x), quantize_rows_u7(x), strict=True):
+            torch.testing.assert_close(got, want)
+        sums, colsum = x @ x.t(), x[:, 0]  # any [5, 5] and [5]
+        zero_point, scale = x[:, 1:2], x[:, 2:3]
+        torch.testing.assert_close(
+            ops.rescale(sums, zero_point, scale, colsum, colsum), rescale_u7(sums, zero_point, scale, colsum, colsum)
+        )
+
+
+def compile_variants(scheme: str, dtype: torch.dtype, thread_counts: tuple[int, ...]) -> None:
+    """Compile, now, every variant of the ``scheme``'s int8 kernel that a model with ``dtype``
+    activations runs on these torch thread counts: dynamo compiles one per activation dtype, thread count and
     one-row or longer input (``test_the_compiled_kernel_has_few_variants``). Compiling while another
     thread runs a model is unsafe: the tracer patches ``nn.Module.__call__`` for the whole process,
     so the other thread's layers enter it and fail (seen with torch 2.6: two CPU workers, the second
     worker's first one-thread batch compiling beside the first's forward). Here nothing else runs yet."""
-    fn = compiled_int8_linear()
-    if fn is int8_linear:
-        return
     threads_before = torch.get_num_threads()
     try:
         for threads in sorted(set(thread_counts)):
             torch.set_num_threads(threads)
             for rows in (1, 2):
-                args = _sample(rows, dtype)
+                x, qweight, weight_scale, bias = _sample(rows, dtype)
                 with torch.inference_mode():
-                    fn(*args)
+                    if scheme == "u7s8":
+                        ops = compiled_u7_ops()
+                        _, zero_point, scale = ops.quantize(x)
+                        sums = torch.zeros(rows, bias.numel())  # as the GEMM returns them
+                        ops.rescale(sums, zero_point, scale, weight_scale, bias)
+                    else:
+                        compiled_int8_linear()(x, qweight, weight_scale, bias)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -145,6 +235,32 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class Int8LinearU7(Int8Linear):
+    """``Int8Linear`` by the u7s8 scheme (module docstring): the same int8 weights, multiplied by
+    oneDNN's u8 x s8 GEMM from a pre-packed copy."""
+
+    colsum: torch.Tensor  # [out] float32
+
+    def __init__(self, linear: nn.Linear, ops: U7Ops | None = None) -> None:
+        super().__init__(linear)
+        self.ops = ops or U7Ops()
+        # An opaque oneDNN tensor, kept as a plain attribute (see PackedLinear.weight).
+        self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        self.register_buffer("colsum", self.qweight.float().sum(dim=1) * self.weight_scale)
+        self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        codes, zero_point, scale = self.ops.quantize(x.reshape(-1, self.in_features))
+        # [tokens, out] float32: the exact int32 sums of codes @ qweight^T times weight_scale. The
+        # activation's scale 1 and zero point 0 here: its per-token ones are applied by rescale.
+        sums = torch.ops.onednn.qlinear_pointwise(
+            codes, 1.0, 0, self.packed, self.weight_scale, self.weight_zero_point,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        out = self.ops.rescale(sums, zero_point, scale, self.colsum, self.bias).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 def quantize_int8(
     model: nn.Module,
     patterns: tuple[str, ...],
@@ -152,17 +268,24 @@ def quantize_int8(
     *,
     others: torch.dtype | None = None,
     keep: tuple[str, ...] = (),
+    scheme: str | None = None,
 ) -> int:
-    """Replace the ``nn.Linear`` modules whose names match ``patterns`` (regexes) with ``Int8Linear``;
-    returns how many. ``others``: run the remaining linears' GEMMs in this dtype (``PackedLinear``),
-    except those under a name prefix in ``keep`` (the head)."""
+    """Replace the ``nn.Linear`` modules whose names match ``patterns`` (regexes) with ``Int8Linear``
+    (``Int8LinearU7`` by the u7s8 scheme); returns how many. ``others``: run the remaining linears'
+    GEMMs in this dtype (``PackedLinear``), except those under a name prefix in ``keep`` (the head).
+    ``scheme``: ``s8s8`` or ``u7s8``; None: this CPU's (``int8_scheme``)."""
     if device.type != "cpu":
         raise ConfigError("quantization='int8' is a CPU path; on a GPU use dtype='bfloat16' (the default there).")
     if not patterns:
         raise ConfigError(f"quantization='int8' is not available for {type(model).__name__}.")
     regexes = [re.compile(p) for p in patterns]
-    fn = compiled_int8_linear()
-    count = replace_linears(model, lambda name, _: any(r.fullmatch(name) for r in regexes), lambda m: Int8Linear(m, fn))
+    build: Callable[[nn.Linear], nn.Module]
+    if (scheme or int8_scheme()) == "u7s8":
+        ops = compiled_u7_ops()
+        build = functools.partial(Int8LinearU7, ops=ops)
+    else:
+        build = functools.partial(Int8Linear, fn=compiled_int8_linear())
+    count = replace_linears(model, lambda name, _: any(r.fullmatch(name) for r in regexes), build)
     if others is not None and onednn_available():
         replace_linears(model, lambda name, _: not name.startswith(keep), lambda m: PackedLinear(m, others))
     return count

@@ -37,6 +37,10 @@ Class attributes the loader, config, runner and pooler read (declared with their
                         parameter ``score.weight``
     quantizable         regexes of the linears ``quantization="int8"`` replaces (the feed-forward
                         layers); absent: the model refuses int8
+    quantizable_7bit    the same under the 7-bit activation scheme (``layers/quant.py``, CPUs
+                        without VNNI), where it differs: a gated MLP's down projection reads the
+                        product of two activations, heavy-tailed on both signs, which 7-bit codes
+                        resolve worst; None: ``quantizable``
     returns_pooled      True when forward already returns one pooled row per sequence (the
                         transformers fallback's classifiers): the pooler applies no head of its own
 
@@ -95,6 +99,7 @@ class ModelBase(nn.Module):
     body_prefix: ClassVar[str | None] = None
     lm_head_names: ClassVar[tuple[str, ...]] = ()
     quantizable: ClassVar[tuple[str, ...]] = ()
+    quantizable_7bit: ClassVar[tuple[str, ...] | None] = None
     selects_output_rows: ClassVar[bool] = False
     returns_pooled: bool = False  # an instance attribute of the fallback, which knows it once built
     pooling_is_fixed: ClassVar[bool] = False

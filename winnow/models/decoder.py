@@ -232,6 +232,7 @@ class _Decoder(ModelBase):
         r"(.*\.)?layers\.\d+\.mlp\.gate_up_proj",
         r"(.*\.)?layers\.\d+\.mlp\.down_proj",
     )
+    quantizable_7bit: ClassVar[tuple[str, ...] | None] = quantizable[:1]  # not down_proj (ModelBase)
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     @classmethod

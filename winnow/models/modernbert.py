@@ -153,6 +153,7 @@ class ModernBertModel(ModelBase):
     head_prefixes: ClassVar[tuple[str, ...]] = ()
     # The MLP linears: what quantization="int8" converts (layers/quant.py).
     quantizable: ClassVar[tuple[str, ...]] = (r"(.*\.)?layers\.\d+\.mlp\.Wi", r"(.*\.)?layers\.\d+\.mlp\.Wo")
+    quantizable_7bit: ClassVar[tuple[str, ...] | None] = quantizable[:1]  # not Wo (ModelBase)
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
 
     def __init__(self, config: Any) -> None:
@@ -202,6 +203,7 @@ class _ModernBertClassifier(ModelBase):
     # classifier_pooling is part of the architecture: a user pooling override is ignored (vLLM).
     pooling_is_fixed: ClassVar[bool] = True
     quantizable = ModernBertModel.quantizable
+    quantizable_7bit = ModernBertModel.quantizable_7bit
     selects_output_rows = ModernBertModel.selects_output_rows
 
     def __init__(self, config: Any) -> None:

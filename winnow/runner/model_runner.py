@@ -16,7 +16,7 @@ import torch
 
 from winnow.layers.linear import cpu_has_fast, pack_linears
 from winnow.layers.pooling import PooledBatch, Pooler
-from winnow.layers.quant import compile_variants, quantize_int8
+from winnow.layers.quant import compile_variants, int8_scheme, quantize_int8
 from winnow.models.base import ModelBase
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
@@ -86,14 +86,17 @@ class ModelRunner:
             # int8 already trades exactness for speed: bf16 GEMMs for the rest where the CPU has them
             # (a bfloat16 model has them anyway; this covers int8 with dtype="float32").
             fast_bf16 = config.dtype == torch.float32 and device.type == "cpu" and cpu_has_fast(torch.bfloat16)
+            scheme = int8_scheme()
+            narrower = self.model.quantizable_7bit if scheme == "u7s8" else None
             quantize_int8(
                 self.model,
-                self.model.quantizable,
+                self.model.quantizable if narrower is None else narrower,
                 device,
                 others=torch.bfloat16 if fast_bf16 else None,
                 keep=self.model.head_prefixes,
+                scheme=scheme,
             )
-            compile_variants(config.dtype, cpu_threads or (torch.get_num_threads(),))
+            compile_variants(scheme, config.dtype, cpu_threads or (torch.get_num_threads(),))
         if device.type == "cpu" and config.entry.is_native:
             # Half-precision linears are packed only where the CPU has instructions for them.
             pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
