@@ -21,10 +21,11 @@ Methodology
 * Systems (each gets one untimed warm-up pass over the workload; its outputs are checked against
   hf-sorted's: max |diff| <= 1e-3 for fp32 systems, 0.02 for bf16/int8 ones):
   winnow (``LLM(folder, device="cpu", dtype="float32").classify`` / ``.score``), winnow-bf16 (only
-  on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-int8
+  on CPUs with AVX512-BF16 or AMX, where it is what ``dtype="auto"`` picks), winnow-fp16w
+  (``dtype="auto"`` on other x86 CPUs: float32 arithmetic on float16-stored weights), winnow-int8
   (``quantization="int8"``: bfloat16 activations on bf16 CPUs, float32 elsewhere), winnow-int8-fp32
   (``quantization="int8", dtype="float32"``), winnow-single / winnow-bf16-single / winnow-int8-single (one prompt
-  per call);
+  per call, and winnow-fp16w-single);
   hf-sorted / hf-arrival (``bench_offline``'s hand-tuned transformers loops: SDPA, ``inference_mode``,
   tokenized once and sorted by length / batched in arrival order, batches of 32; hf-sorted-bf16 is
   the sorted loop on the model loaded in bfloat16, on bf16 CPUs only); pipeline
@@ -88,6 +89,7 @@ import bench_offline as offline
 
 import winnow
 from winnow import LLM
+from winnow.layers.linear import cpu_has_fp16_weights
 
 Items = list[Any]  # texts (str) or (query, document) pairs
 Runner = Callable[[Items], np.ndarray]
@@ -129,10 +131,12 @@ class SystemInfo:
 SYSTEMS: dict[str, SystemInfo] = {
     "winnow": SystemInfo(),
     "winnow-bf16": SystemInfo(LOW_PRECISION_ATOL),
+    "winnow-fp16w": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-int8": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-int8-fp32": SystemInfo(LOW_PRECISION_ATOL),
     "winnow-single": SystemInfo(single=True),
     "winnow-bf16-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
+    "winnow-fp16w-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "winnow-int8-single": SystemInfo(LOW_PRECISION_ATOL, single=True),
     "hf-sorted": SystemInfo(),
     "hf-sorted-bf16": SystemInfo(LOW_PRECISION_ATOL),
@@ -319,6 +323,8 @@ def record_error(skipped: dict[str, str], name: str, exc: Exception, stage: str)
 WINNOW_VARIANTS: dict[str, dict[str, str]] = {
     "winnow": {"dtype": "float32"},  # auto is bfloat16 on CPUs with bf16 instructions: that is winnow-bf16
     "winnow-bf16": {"dtype": "bfloat16"},
+    # auto on an x86 CPU without bf16 instructions: float32 arithmetic, float16-stored linear weights
+    "winnow-fp16w": {"dtype": "auto"},
     "winnow-int8": {"quantization": "int8"},
     "winnow-int8-fp32": {"quantization": "int8", "dtype": "float32"},  # float32 activations between the int8 GEMMs
 }
@@ -408,6 +414,9 @@ def skip_reasons(spec: offline.ModelSpec, wanted: set[str]) -> dict[str, str]:
     if not bf16_supported():
         no_bf16 = {"winnow-bf16", "winnow-bf16-single", "hf-sorted-bf16"}
         reasons.update(dict.fromkeys(wanted & no_bf16, "skipped: no bf16 hardware"))
+    if bf16_supported() or not cpu_has_fp16_weights():  # auto is bfloat16 or plain float32 there
+        fp16w = {"winnow-fp16w", "winnow-fp16w-single"}
+        reasons.update(dict.fromkeys(wanted & fp16w, "skipped: auto does not store float16 weights here"))
     return reasons
 
 

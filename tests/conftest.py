@@ -18,19 +18,28 @@ from winnow import LLM
 logging.getLogger("winnow").setLevel(logging.WARNING)
 torch.set_num_threads(2)
 
-# The CPU's own answer, for the tests of ``dtype="auto"`` itself (see ``auto_dtype_is_float32``).
+# The CPU's own answers, for the tests of ``dtype="auto"`` itself (see ``auto_dtype_is_float32``).
 REAL_AUTO_CPU_DTYPE = winnow.config.auto_cpu_dtype
+REAL_AUTO_CPU_FP16_WEIGHTS = winnow.config.auto_cpu_fp16_weights
 
 
 @pytest.fixture(scope="session", autouse=True)
 def auto_dtype_is_float32() -> Iterator[None]:
     """The suite checks parity in float32 (1e-4), but ``dtype="auto"`` picks bfloat16 on CPUs with
-    bf16 instructions (this one may have them). So engines built by tests see a CPU without them;
-    tests of auto's real choice put ``REAL_AUTO_CPU_DTYPE`` back. Engines started as subprocesses
-    are not patched: those tests pass ``--dtype float32``."""
+    bf16 instructions and float16 weights on other x86 CPUs. So engines built by tests see plain
+    float32; tests of auto's real choice use ``real_auto``. Engines started as subprocesses are not
+    patched: those tests pass ``--dtype float32``."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(winnow.config, "auto_cpu_dtype", lambda: torch.float32)
+        patch.setattr(winnow.config, "auto_cpu_fp16_weights", lambda device, dtype: False)
         yield
+
+
+@pytest.fixture
+def real_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dtype="auto"`` as this CPU really resolves it, for this test."""
+    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
+    monkeypatch.setattr(winnow.config, "auto_cpu_fp16_weights", REAL_AUTO_CPU_FP16_WEIGHTS)
 
 
 ModelFactory = Callable[..., Path]

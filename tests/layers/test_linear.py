@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from winnow import LLM
 from winnow.layers.activation import _ACTIVATIONS, get_activation
-from winnow.layers.linear import PackedLinear, cpu_has_fast, linear_act, linear_add, onednn_available, pack_linears
+from winnow.layers.linear import (
+    Fp16WeightLinear,
+    PackedLinear,
+    cpu_has_fast,
+    cpu_has_fp16_weights,
+    linear_act,
+    linear_add,
+    onednn_available,
+    pack_linears,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -152,3 +162,57 @@ def test_residual_add_falls_back_when_not_packed_or_dtypes_differ():
     got = linear_add(packed, x.double(), residual.double())  # a dtype the packed GEMM does not take
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, (linear(x) + residual).double(), atol=1e-5, rtol=1e-5)
+
+
+# -- float16-stored weights (what dtype="auto" runs on x86 CPUs without bf16 instructions) --------
+
+fp16_weights = pytest.mark.skipif(not cpu_has_fp16_weights(), reason="no FBGEMM float16 GEMM on this CPU")
+
+
+@fp16_weights
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (37, 48), (3, 5, 48)])
+def test_fp16_weight_linear_is_the_float32_gemm_of_the_rounded_weight(bias, shape):
+    """The only rounding is the weight's: the same as nn.Linear over the float16-rounded weight."""
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape)
+    got = Fp16WeightLinear(linear)(x)
+    assert got.dtype == torch.float32
+    rounded = F.linear(x, linear.weight.half().float(), linear.bias)
+    torch.testing.assert_close(got, rounded, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, linear(x)), "the weight must actually be rounded"
+    torch.testing.assert_close(got, linear(x), atol=2e-3, rtol=2e-3)
+
+
+@fp16_weights
+def test_fp16_weights_skip_the_head_and_narrow_linears():
+    model = nn.Module()
+    model.encoder, model.classifier, model.narrow = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 2)
+    assert pack_linears(model, (torch.float32,), fp16_weights=True, keep=("classifier",)) == 2
+    assert isinstance(model.encoder, Fp16WeightLinear)
+    assert isinstance(model.classifier, PackedLinear) if onednn_available() else type(model.classifier) is nn.Linear
+    assert type(model.narrow) is nn.Linear
+
+
+@fp16_weights
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_auto_float16_weights_match_transformers(family, make_model, hf_reference, monkeypatch):
+    """dtype="auto" on an x86 CPU without bf16 instructions: probabilities within 1e-3 of
+    transformers' float32 (bfloat16's tolerance is 2e-2), and not bit-equal to dtype="float32"."""
+    import winnow.config
+    from tests.conftest import REAL_AUTO_CPU_FP16_WEIGHTS
+    from tests.tiny_models import PROMPTS
+
+    monkeypatch.setattr(winnow.config, "auto_cpu_fp16_weights", REAL_AUTO_CPU_FP16_WEIGHTS)
+    path = make_model(family, "seq", num_labels=3)
+    llm = LLM(str(path), device="cpu")
+    assert llm.model_config.fp16_weights and llm.model_config.dtype == torch.float32
+    model, tokenizer = hf_reference(path, "seq")
+    with torch.inference_mode():
+        want = model(**tokenizer(PROMPTS, return_tensors="pt", padding=True)).logits.softmax(-1)
+    got = torch.tensor([o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)])
+    exact = torch.tensor([o.outputs.probs for o in LLM(str(path), device="cpu", dtype="float32").classify(PROMPTS)])
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(exact, want, atol=1e-4, rtol=0)
+    assert not torch.equal(got, exact)

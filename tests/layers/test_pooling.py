@@ -211,33 +211,38 @@ def test_dtype_auto_never_picks_half_precision_on_a_cpu_without_it(saved, tmp_pa
     assert LLM(str(_half_checkpoint(tmp_path, make_model, saved)), device="cpu").model_config.dtype == torch.float32
 
 
-def test_dtype_auto_follows_this_cpu(make_model, monkeypatch, hf_reference):
+def test_dtype_auto_follows_this_cpu(make_model, real_auto, hf_reference):
     """With the CPU's real answer: bfloat16 where it has bf16 matrix instructions (vLLM's auto runs
-    float32 pooling checkpoints in half precision where supported), else float32. The head stays
-    float32 and the probabilities stay within the low-precision tolerance of transformers'."""
-    import winnow.config
-    from tests.conftest import REAL_AUTO_CPU_DTYPE
-    from winnow.layers.linear import cpu_has_fast
+    float32 pooling checkpoints in half precision where supported), else float32 arithmetic, with
+    float16-stored linear weights on an x86 CPU. The head stays float32 and the probabilities stay
+    within the low-precision tolerance of transformers'."""
+    from winnow.layers.linear import Fp16WeightLinear, cpu_has_fast, cpu_has_fp16_weights
 
-    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
     path = make_model("bert", "seq", num_labels=2)
     llm = LLM(str(path), device="cpu")
-    expected = torch.bfloat16 if cpu_has_fast(torch.bfloat16) else torch.float32
-    assert llm.model_config.dtype == expected
-    assert llm.engine.core.runner.model.classifier.weight.dtype == torch.float32
+    bf16 = cpu_has_fast(torch.bfloat16)
+    assert llm.model_config.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert llm.model_config.fp16_weights == (not bf16 and cpu_has_fp16_weights())
+    model = llm.engine.core.runner.model
+    assert model.classifier.weight.dtype == torch.float32
+    fp16_layers = [n for n, m in model.named_modules() if isinstance(m, Fp16WeightLinear)]
+    assert bool(fp16_layers) == llm.model_config.fp16_weights
+    assert not any(n.startswith("classifier") for n in fp16_layers)
     for prompt, probs in zip(PROMPTS[:4], _probs(llm)):
         assert torch.allclose(probs, _ref(hf_reference, path, prompt).softmax(-1), atol=2e-2)
 
 
-def test_int8_with_auto_dtype_keeps_what_auto_picks(make_model, monkeypatch):
+def test_int8_with_auto_dtype_keeps_what_auto_picks(make_model, real_auto):
     """With int8, ``auto`` still picks the dtype of everything but the int8 GEMMs: bfloat16 on a CPU
-    with bf16 instructions (test_quant.py covers that path), float32 elsewhere."""
-    import winnow.config
+    with bf16 instructions (test_quant.py covers that path), float32 elsewhere, where the other
+    linears (attention projections) take float16 weights like auto's."""
     from tests.conftest import REAL_AUTO_CPU_DTYPE
+    from winnow.layers.linear import Fp16WeightLinear
 
-    monkeypatch.setattr(winnow.config, "auto_cpu_dtype", REAL_AUTO_CPU_DTYPE)
     llm = LLM(str(make_model("bert", "seq", num_labels=2)), device="cpu", quantization="int8")
     assert llm.model_config.dtype == REAL_AUTO_CPU_DTYPE()
+    qkv = llm.engine.core.runner.model.bert.encoder.layer[0].attention.self.qkv_proj
+    assert isinstance(qkv, Fp16WeightLinear) == llm.model_config.fp16_weights
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -47,6 +47,15 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpu_has_fp16_weights() -> bool:
+    """Whether float16-stored weights multiply fast here: FBGEMM's AVX2 kernel (``Fp16WeightLinear``)."""
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and torch.cpu._is_avx2_supported()
+        and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+    )
+
+
 class PackedLinear(nn.Module):
     """Drop-in for an ``nn.Linear`` on the CPU (inference only). ``dtype``: the GEMM's dtype when it
     differs from the weight's (inputs are cast to it and outputs cast back); None: the weight's."""
@@ -69,6 +78,26 @@ class PackedLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, name, [], algorithm)
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, name, [], algorithm)
         return out.to(x.dtype)
+
+
+class Fp16WeightLinear(nn.Module):
+    """Drop-in for a float32 ``nn.Linear`` on an x86 CPU (inference only): the weight is stored in
+    float16, packed for FBGEMM, and widened to float32 inside the GEMM (F16C), which accumulates in
+    float32. What ``dtype="auto"`` runs on CPUs without bf16 instructions. Measured on a 2-core AVX2
+    EPYC against oneDNN's packed float32 GEMM: the 48 GEMMs of one bert-base request at 20 tokens
+    24.5 against 33 ms (half the weight bytes, and a better small-row kernel), [2048, 768] -> 3072
+    55 against 66 ms. The only rounding is the weight's to float16 (relative 2^-11, against bfloat16's
+    2^-8): bert-base probabilities moved by 6.5e-5."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        # An opaque FBGEMM object; a plain attribute, like PackedLinear.weight.
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
 def linear_act(linear: nn.Module, act: Activation, x: torch.Tensor) -> torch.Tensor:
@@ -108,13 +137,23 @@ def replace_linears(
     return len(targets)
 
 
-def pack_linears(model: nn.Module, dtypes: tuple[torch.dtype, ...]) -> int:
+def pack_linears(
+    model: nn.Module, dtypes: tuple[torch.dtype, ...], *, fp16_weights: bool = False, keep: tuple[str, ...] = ()
+) -> int:
     """Pre-pack every CPU ``nn.Linear`` whose weight dtype is in ``dtypes``, except narrow ones
-    (``_MIN_PACKED_OUT_FEATURES``); returns how many."""
-    if not onednn_available():
-        return 0
+    (``_MIN_PACKED_OUT_FEATURES``); returns how many. ``fp16_weights``: float32 linears not under a
+    name prefix in ``keep`` (the head, which runs in the head dtype) become ``Fp16WeightLinear``s."""
 
     def select(_: str, m: nn.Linear) -> bool:
         return m.weight.device.type == "cpu" and m.weight.dtype in dtypes and m.out_features >= _MIN_PACKED_OUT_FEATURES
 
-    return replace_linears(model, select, PackedLinear)
+    count = 0
+    if fp16_weights and cpu_has_fp16_weights():
+
+        def select_fp16(name: str, m: nn.Linear) -> bool:
+            return select(name, m) and m.weight.dtype == torch.float32 and not name.startswith(keep)
+
+        count = replace_linears(model, select_fp16, Fp16WeightLinear)
+    if onednn_available():
+        count += replace_linears(model, select, PackedLinear)
+    return count

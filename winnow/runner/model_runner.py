@@ -99,7 +99,12 @@ class ModelRunner:
             compile_variants(scheme, config.dtype, cpu_threads or (torch.get_num_threads(),))
         if device.type == "cpu" and config.entry.is_native:
             # Half-precision linears are packed only where the CPU has instructions for them.
-            pack_linears(self.model, tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)))
+            pack_linears(
+                self.model,
+                tuple(d for d in (torch.float32, torch.bfloat16) if cpu_has_fast(d)),
+                fp16_weights=config.fp16_weights,
+                keep=self.model.head_prefixes,
+            )
         self.pooler = Pooler(config.pooler, self.model)
         # Models that can return only the pooled token's row skip the last layer's feed-forward for the rest.
         self.selects_rows = self.model.selects_output_rows
