@@ -123,8 +123,11 @@ def test_compiled_u7_ops_equal_the_eager_ones(tokens):
     torch.manual_seed(tokens)
     x = torch.randn(tokens, 96) * 3
     with torch.inference_mode():
-        for got, want in zip(ops.quantize(x), quantize_rows_u7(x), strict=True):
-            assert torch.equal(got, want)
+        (codes, zero_point, scale), (want_codes, want_zero_point, want_scale) = ops.quantize(x), quantize_rows_u7(x)
+        # Inductor may divide by a reciprocal (torch 2.6): the scale's last bit, and a code on a tie.
+        torch.testing.assert_close(scale, want_scale)
+        torch.testing.assert_close(zero_point, want_zero_point)
+        assert codes.dtype == torch.uint8 and (codes.int() - want_codes.int()).abs().max() <= 1
         sums, colsum, bias = torch.randn(tokens, 40), torch.randn(40), torch.randn(40)
         zero_point, scale = torch.rand(tokens, 1) * 127, torch.rand(tokens, 1)
         torch.testing.assert_close(
