@@ -24,8 +24,12 @@ from winnow.layers.linear import (
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
+# One row (a lone short request), many rows, and leading dims that must be kept; 48 inputs each.
+INPUT_SHAPES = [(1, 48), (37, 48), (3, 5, 48)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (37, 48), (3, 5, 48)])
+@pytest.mark.parametrize("shape", INPUT_SHAPES)
 def test_packed_linear_equals_nn_linear(bias, shape):
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias)
@@ -171,7 +175,7 @@ fp16_weights = pytest.mark.skipif(not cpu_has_fp16_weights(), reason="no FBGEMM 
 
 @fp16_weights
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (37, 48), (3, 5, 48)])
+@pytest.mark.parametrize("shape", INPUT_SHAPES)
 def test_fp16_weight_linear_is_the_float32_gemm_of_the_rounded_weight(bias, shape):
     """The only rounding is the weight's: the same as nn.Linear over the float16-rounded weight."""
     torch.manual_seed(0)
