@@ -20,8 +20,10 @@ from tests.tiny_models import PROMPTS
 from winnow import LLM, ConfigError
 from winnow.layers.linear import PackedLinear, cpu_has_fast
 from winnow.layers.quant import (
+    U7_COMPILED_MIN_ROWS,
     Int8Linear,
     Int8LinearU7,
+    U7Ops,
     compiled_int8_linear,
     compiled_u7_ops,
     int8_linear,
@@ -133,6 +135,29 @@ def test_compiled_u7_ops_equal_the_eager_ones(tokens):
         torch.testing.assert_close(
             ops.rescale(sums, zero_point, scale, colsum, bias), rescale_u7(sums, zero_point, scale, colsum, bias)
         )
+
+
+def test_u7s8_runs_its_compiled_parts_on_enough_rows_only():
+    """A few rows (a short lone request) run the eager quantize and rescale, which cost less there
+    than entering compiled code; a batch of U7_COMPILED_MIN_ROWS rows or more runs the layer's own."""
+    calls: list[str] = []
+
+    def recorded(name, fn):
+        def run(*args):
+            calls.append(name)
+            return fn(*args)
+
+        return run
+
+    ops = U7Ops(recorded("quantize", quantize_rows_u7), recorded("rescale", rescale_u7))
+    layer = Int8LinearU7(nn.Linear(96, 40), ops)
+    torch.manual_seed(0)
+    batch = torch.randn(U7_COMPILED_MIN_ROWS, 96)
+    few = layer(batch[:-1])
+    assert calls == []
+    many = layer(batch)
+    assert calls == ["quantize", "rescale"]
+    torch.testing.assert_close(many[:-1], few, atol=0, rtol=0)  # per-token scales: a row's result is its own
 
 
 def test_no_bias_and_half_inputs_keep_their_dtype():

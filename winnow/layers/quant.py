@@ -29,7 +29,9 @@ The elementwise work around the GEMM (quantize the rows; rescale the int32 sums)
 Inductor into one C++ loop on each side. Run as separate eager ops it costs twice the GEMM itself
 (measured, s8s8, [4096, 384] -> 1536 on 2 cores: 26.6 ms eager, 9.3 ms compiled, 6.0 ms of it the
 GEMM). For ``u7s8`` the GEMM runs eagerly between the two compiled parts: Inductor takes oneDNN's
-packed int8 weights only as constants of a frozen graph.
+packed int8 weights only as constants of a frozen graph; and inputs of fewer than
+``U7_COMPILED_MIN_ROWS`` rows (a short lone request) run the eager parts, which cost less there
+than entering compiled code.
 If compiling fails (no C++ compiler, an unsupported platform), the eager ops run instead, with the
 same numbers.
 
@@ -111,6 +113,16 @@ class U7Ops:
     rescale: Callable[..., torch.Tensor] = rescale_u7
 
 
+_EAGER_U7 = U7Ops()
+
+# Inputs of fewer rows run the eager quantize and rescale even where they are compiled: entering a
+# compiled function costs ~60-90 us of dynamo and AOT wrappers per call, more than the eager ops over
+# a few rows. Measured on a 2-core AVX2 EPYC, [rows, 768] -> 3072: quantize compiled / eager 90 / 58 us
+# at 1 row, 78 / 78 at 22, 173 / 209 at 256; rescale 57 / 10, 73 / 44, 249 / 277. One MiniLM-shape
+# request forward, int8: 8.4 -> 6.6 ms at 8 tokens, 12.0 -> 10.1 ms at 22.
+U7_COMPILED_MIN_ROWS = 64
+
+
 def _has_u8s8_gemm() -> bool:
     return hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
 
@@ -186,7 +198,8 @@ def _check_same_u7(ops: U7Ops) -> None:
 def compile_variants(scheme: str, dtype: torch.dtype, thread_counts: tuple[int, ...]) -> None:
     """Compile, now, every variant of the ``scheme``'s int8 kernel that a model with ``dtype``
     activations runs on these torch thread counts: dynamo compiles one per activation dtype, thread count and
-    one-row or longer input (``test_the_compiled_kernel_has_few_variants``). Compiling while another
+    (s8s8) one-row or longer input (``test_the_compiled_kernel_has_few_variants``); u7s8 layers compile
+    nothing below ``U7_COMPILED_MIN_ROWS`` rows. Compiling while another
     thread runs a model is unsafe: the tracer patches ``nn.Module.__call__`` for the whole process,
     so the other thread's layers enter it and fail (seen with torch 2.6: two CPU workers, the second
     worker's first one-thread batch compiling beside the first's forward). Here nothing else runs yet."""
@@ -194,7 +207,8 @@ def compile_variants(scheme: str, dtype: torch.dtype, thread_counts: tuple[int, 
     try:
         for threads in sorted(set(thread_counts)):
             torch.set_num_threads(threads)
-            for rows in (1, 2):
+            # u7s8 runs its compiled parts on U7_COMPILED_MIN_ROWS rows or more only: one variant.
+            for rows in (U7_COMPILED_MIN_ROWS,) if scheme == "u7s8" else (1, 2):
                 x, qweight, weight_scale, bias = _sample(rows, dtype)
                 with torch.inference_mode():
                     if scheme == "u7s8":
@@ -251,14 +265,16 @@ class Int8LinearU7(Int8Linear):
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        codes, zero_point, scale = self.ops.quantize(x.reshape(-1, self.in_features))
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+        ops = self.ops if rows.shape[0] >= U7_COMPILED_MIN_ROWS else _EAGER_U7
+        codes, zero_point, scale = ops.quantize(rows)
         # [tokens, out] float32: the exact int32 sums of codes @ qweight^T times weight_scale. The
         # activation's scale 1 and zero point 0 here: its per-token ones are applied by rescale.
         sums = torch.ops.onednn.qlinear_pointwise(
             codes, 1.0, 0, self.packed, self.weight_scale, self.weight_zero_point,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        out = self.ops.rescale(sums, zero_point, scale, self.colsum, self.bias).to(x.dtype)
+        out = ops.rescale(sums, zero_point, scale, self.colsum, self.bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
