@@ -64,6 +64,26 @@ def test_narrow_linears_stay_plain():
     assert [type(m) for m in model] == [PackedLinear, nn.Linear, nn.Linear]
 
 
+@pytest.mark.parametrize("shape", [*INPUT_SHAPES, (48,)])
+def test_a_head_linear_multiplies_one_row_with_its_plain_weight(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80)
+    x = torch.randn(*shape)
+    got = PackedLinear(linear, plain_one_row=True)(x)
+    torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-5)
+    # Which GEMM ran: one row, the plain one's bits; more rows, oneDNN's packed one's.
+    want = F.linear(x, linear.weight, linear.bias) if x.numel() == 48 else PackedLinear(linear)(x)
+    assert torch.equal(got, want)
+
+
+def test_only_the_heads_linears_keep_a_plain_weight():
+    model = nn.Module()
+    model.encoder, model.pooler = nn.Linear(8, 64), nn.Linear(64, 64)
+    assert pack_linears(model, (torch.float32,), keep=("pooler",)) == 2
+    assert isinstance(model.encoder, PackedLinear) and model.encoder.plain_weight is None
+    assert isinstance(model.pooler, PackedLinear) and model.pooler.plain_weight is not None
+
+
 def test_native_models_run_packed_on_cpu(make_model, make_llm):
     model = make_llm(make_model("bert", "seq")).engine.core.runner.model
     layer = model.bert.encoder.layer[0]
