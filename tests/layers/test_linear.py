@@ -210,6 +210,27 @@ def test_fp16_weight_linear_is_the_float32_gemm_of_the_rounded_weight(bias, shap
 
 
 @fp16_weights
+def test_fp16_weight_linear_never_looks_up_attributes_of_its_packed_weight(monkeypatch):
+    """Looking up a missing attribute of the packed weight (a TorchScript object) throws a C++
+    exception, which torch's check for ``__torch_function__`` overrides did on every call."""
+    lookups: list[str] = []
+    real = torch._C.ScriptObject.__getattr__
+
+    def spy(obj: object, name: str) -> object:
+        lookups.append(name)
+        return real(obj, name)
+
+    layer = Fp16WeightLinear(nn.Linear(48, 80))
+    monkeypatch.setattr(torch._C.ScriptObject, "__getattr__", spy)
+    with torch.inference_mode():
+        layer(torch.randn(3, 48))
+    assert lookups == []
+    with pytest.raises(AttributeError):  # the spy does see lookups
+        layer.packed.no_such_attribute  # noqa: B018
+    assert lookups == ["no_such_attribute"]
+
+
+@fp16_weights
 def test_fp16_weights_skip_the_head_and_narrow_linears():
     model = nn.Module()
     model.encoder, model.classifier, model.narrow = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 2)

@@ -107,7 +107,13 @@ class Fp16WeightLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        # torch looks for a ``__torch_function__`` override on every argument of an op. On the packed
+        # weight, a TorchScript object, that lookup fails by throwing and catching a C++ exception:
+        # ~16 us per call, more than the GEMM itself on one row. Nothing here overrides torch
+        # functions, so the lookup is switched off for the call. Measured on a 2-core AVX2 EPYC, one
+        # 22-token request's forward, interleaved: MiniLM 6.25 -> 5.41 ms, bert-base 39.8 -> 37.0 ms.
+        with torch._C.DisableTorchFunction():
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
 def linear_act(linear: nn.Module, act: Activation, x: torch.Tensor) -> torch.Tensor:
