@@ -9,7 +9,7 @@ torch's SDPA (its fused CPU/GPU kernels) runs every case it can express; soft-ca
 explicit formula. On a GPU in half precision, flash attention's variable-length kernel
 (``torch.nn.attention.varlen``) takes the packed rows directly: no grid, no padding, one launch per
 layer whatever the mix of lengths. Models with their own attention scores (DeBERTa's relative positions) reuse
-``to_grid`` / ``from_grid`` / ``key_mask``.
+``to_grid`` / ``from_grid``.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def _unpadded_qkv_attention(qkv: torch.Tensor, group: AttentionGroup, spec: Atte
     already the grid, so q, k and v are three views of it. Three view ops instead of the general
     path's dozen: 32 against 50 us per layer for one 17-token sequence (MiniLM shape, bf16)."""
     heads, dim = spec.num_heads, spec.head_dim
-    # [num_seqs * max_len, 3 * heads * dim] -> 3 x [num_seqs, heads, max_len, dim]
-    q, k, v = qkv.view(group.num_seqs, group.max_len, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    # [num_seqs * max_len, 3 * heads * dim] -> 3 x [num_seqs, heads, max_len, dim]. The length is
+    # read from the tensor (-1), not the group, so a traced lone request serves every length.
+    q, k, v = qkv.view(group.num_seqs, -1, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, scale=spec.scale)
     return out.transpose(1, 2).reshape(qkv.shape[0], heads * dim)  # [num_tokens, heads * dim]
 
@@ -156,8 +157,8 @@ def varlen_attention(
 
 def to_grid(rows: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     """[group tokens, ...] -> [num_seqs, max_len, ...], zero-padded on the right."""
-    if group.pad_index is None:
-        return rows.reshape(group.num_seqs, group.max_len, *rows.shape[1:])
+    if group.pad_index is None:  # max_len from the tensor, for traced graphs (runner/lone_trace.py)
+        return rows.reshape(group.num_seqs, -1, *rows.shape[1:])
     grid = rows.new_zeros(group.num_seqs * group.max_len, *rows.shape[1:])
     grid.index_copy_(0, group.pad_index, rows)
     return grid.view(group.num_seqs, group.max_len, *rows.shape[1:])
@@ -165,19 +166,20 @@ def to_grid(rows: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
 
 def from_grid(grid: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     """[num_seqs, max_len, ...] -> [group tokens, ...], dropping the padding."""
-    flat = grid.reshape(group.num_seqs * group.max_len, *grid.shape[2:])
+    flat = grid.flatten(0, 1)  # [num_seqs * max_len, ...]
     return flat if group.pad_index is None else flat.index_select(0, group.pad_index)
 
 
-def key_mask(group: AttentionGroup, spec: AttentionSpec | None = None) -> torch.Tensor | None:
+def key_mask(group: AttentionGroup, spec: AttentionSpec, length: int) -> torch.Tensor | None:
     """Bool mask, True where a query may attend a key: [num_seqs or 1, 1, max_len (or 1), max_len], or None.
 
-    Padding keys are masked; ``spec`` adds the causal triangle and the sliding window.
+    Padding keys are masked; ``spec`` adds the causal triangle and the sliding window. ``length``:
+    the grid's max_len, read from the grid (a traced lone request's graph serves every length).
     """
     mask = group.attn_mask  # [num_seqs, 1, 1, max_len] or None
-    if spec is None or not (spec.causal or spec.window is not None):
+    if not (spec.causal or spec.window is not None):
         return mask
-    positions = torch.arange(group.max_len, device=group.device)
+    positions = torch.arange(length, device=group.device)
     distance = positions[:, None] - positions[None, :]  # [query, key]: query position minus key position
     allowed = torch.ones_like(distance, dtype=torch.bool)
     if spec.causal:
@@ -201,12 +203,12 @@ def _group_attention(
         kg = kg.repeat_interleave(heads // kv_heads, dim=1)
         vg = vg.repeat_interleave(heads // kv_heads, dim=1)
     if spec.softcap is not None:
-        out = _softcapped(qg, kg, vg, key_mask(group, spec), spec)
+        out = _softcapped(qg, kg, vg, key_mask(group, spec, qg.shape[2]), spec)
     elif spec.causal and spec.window is None:
         # Right padding: a real query's causal keys are all real, so the triangle alone is exact.
         out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=spec.scale)
     else:
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_mask(group, spec), scale=spec.scale)
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_mask(group, spec, qg.shape[2]), scale=spec.scale)
     # [num_seqs, heads, max_len, dim] -> [group tokens, heads * dim]
     return from_grid(out.transpose(1, 2).flatten(2), group)
 

@@ -41,6 +41,10 @@ Class attributes the loader, config, runner and pooler read (declared with their
                         without VNNI), where it differs: a gated MLP's down projection reads the
                         product of two activations, heavy-tailed on both signs, which 7-bit codes
                         resolve worst; None: ``quantizable``
+    traces_lone_requests  True when forward reads a one-sequence batch only through its tensors
+                        (input_ids, positions, token_type_ids, output_rows) and shapes derived from
+                        them, never a host-side length or a Python branch on one: on a CPU a lone
+                        request then replays one traced graph at every length (runner/lone_trace.py)
     returns_pooled      True when forward already returns one pooled row per sequence (the
                         transformers fallback's classifiers): the pooler applies no head of its own
 
@@ -101,6 +105,7 @@ class ModelBase(nn.Module):
     quantizable: ClassVar[tuple[str, ...]] = ()
     quantizable_7bit: ClassVar[tuple[str, ...] | None] = None
     selects_output_rows: ClassVar[bool] = False
+    traces_lone_requests: ClassVar[bool] = False
     returns_pooled: bool = False  # an instance attribute of the fallback, which knows it once built
     pooling_is_fixed: ClassVar[bool] = False
 

@@ -153,6 +153,7 @@ class BertModel(ModelBase):
     ignored_weights: ClassVar[tuple[str, ...]] = ("pooler.", "cls.", "classifier.", "lm_head.")
     head_prefixes: ClassVar[tuple[str, ...]] = ()
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     def __init__(self, config: Any, *, add_pooling_layer: bool = False) -> None:
         super().__init__()
@@ -195,7 +196,8 @@ class RobertaModel(BertModel):
         # pad token itself gets position `pad`. Computed per sequence on the packed stream.
         is_real = (batch.input_ids != self.pad_token_id).long()  # [T]
         count = is_real.cumsum(0)  # [T] running count over the whole packed stream
-        seq_start = torch.arange(batch.num_tokens, device=count.device) - batch.positions  # [T]
+        # The length read from a tensor, not batch.num_tokens (a Python int): lone requests are traced.
+        seq_start = torch.arange(count.shape[0], device=count.device) - batch.positions  # [T]
         count_before_seq = (count - is_real)[seq_start]  # [T] running count just before each sequence
         return (count - count_before_seq) * is_real + self.pad_token_id
 
@@ -256,6 +258,7 @@ class _Classifier(ModelBase):
     ignored_weights: ClassVar[tuple[str, ...]] = ("bert.pooler.", "roberta.pooler.", "electra.pooler.")
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier",)
     selects_output_rows: ClassVar[bool] = True
+    traces_lone_requests: ClassVar[bool] = True
 
     @classmethod
     def max_positions(cls, config: Any) -> int:

@@ -222,6 +222,10 @@ _PACKED: dict[str, tuple[str, int]] = {
 }
 
 
+# The dtypes a model runs in (config.resolve_dtype).
+_EMBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class _Decoder(ModelBase):
     """What every class here shares: the family, fused projections, positions and LAST pooling."""
 
@@ -234,6 +238,7 @@ class _Decoder(ModelBase):
     )
     quantizable_7bit: ClassVar[tuple[str, ...] | None] = quantizable[:1]  # not down_proj (ModelBase)
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     @classmethod
     def max_positions(cls, config: Any) -> int:
@@ -259,15 +264,23 @@ class DecoderModel(_Decoder):
         self.embed_tokens = nn.Embedding(config.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = _norm(spec)
-        self.embed_scale = spec.hidden_size**0.5 if spec.gemma else None
+        # Gemma scales the embeddings by sqrt(hidden) rounded to the model dtype first, as HF does:
+        # rounded here for each dtype it may run in, so forward makes no tensor of it (a traced
+        # lone request's graph would freeze one, runner/lone_trace.py). On the CPU explicitly, as
+        # models are built under torch.device("meta").
+        self.embed_scale = (
+            {d: torch.tensor(spec.hidden_size**0.5, dtype=d, device="cpu").item() for d in _EMBED_DTYPES}
+            if spec.gemma
+            else None
+        )
         # Built on the CPU even when the model is built on the meta device (the loader does that).
         with torch.device("cpu"):
             self.rotary = RotaryEmbedding.from_config(config, spec.head_dim)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
-        if self.embed_scale is not None:  # Gemma: the scale is rounded to the model dtype first, as in HF
-            x = x * torch.tensor(self.embed_scale, dtype=x.dtype).item()  # a host scalar: no device copy
+        if self.embed_scale is not None:  # Gemma
+            x = x * self.embed_scale[x.dtype]
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)  # [T, head_dim] each, shared by all layers
         *body, last = self.layers
         for layer in body:

@@ -105,6 +105,7 @@ class DistilBertModel(ModelBase):
     )
     head_prefixes: ClassVar[tuple[str, ...]] = ()
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -127,6 +128,7 @@ class _DistilBertClassifier(ModelBase):
     ignored_weights: ClassVar[tuple[str, ...]] = ()
     max_positions = DistilBertModel.max_positions
     selects_output_rows = DistilBertModel.selects_output_rows
+    traces_lone_requests = DistilBertModel.traces_lone_requests
 
     def __init__(self, config: Any) -> None:
         super().__init__()

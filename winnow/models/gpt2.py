@@ -90,6 +90,7 @@ class _GPT2Base(ModelBase):
     ignored_suffixes: ClassVar[tuple[str, ...]] = (".attn.bias", ".attn.masked_bias")
 
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     @classmethod
     def max_positions(cls, config: Any) -> int:

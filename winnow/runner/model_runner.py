@@ -20,13 +20,14 @@ from winnow.layers.quant import compile_variants, int8_scheme, quantize_int8
 from winnow.models.base import ModelBase
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
+from winnow.params import PoolingParams
 from winnow.runner.batch import Batch, build_batch, take_rows
 from winnow.runner.cuda_graphs import CudaGraphs
+from winnow.runner.lone_trace import LoneForward
 
 if TYPE_CHECKING:
     from winnow.config import ModelConfig
     from winnow.engine.request import Request
-    from winnow.params import PoolingParams
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ def load_model(config: ModelConfig, device: torch.device) -> ModelBase:
 # On a GPU each extra call is a kernel launch, so one group: half-precision layers skip the grid
 # entirely (flash attention's varlen kernel, layers/attention.py); float32 and DeBERTa pad it.
 _CPU_GROUP_OVERHEAD = 64**2
+
+# The length of the one-sequence batches a lone request's graph is traced on (runner/lone_trace.py).
+_TRACE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class ModelRunner:
         self.overlaps = device.type == "cuda"
         # Batches of up to this many tokens replay a captured forward (runner/cuda_graphs.py).
         self.graphs = self._capture_graphs(cuda_graph_max_tokens) if cuda_graph_max_tokens else None
+        # A lone request on a CPU replays a traced graph of the forward (runner/lone_trace.py). Not
+        # under int8, whose layers choose their kernels by row count in Python.
+        traceable = device.type == "cpu" and quantization is None and LoneForward.supports(self.model)
+        self.lone = self._trace_lone() if traceable else None
 
     @torch.inference_mode()
     def _capture_graphs(self, max_tokens: int) -> CudaGraphs | None:
@@ -127,11 +135,26 @@ class ModelRunner:
             self.model, self.device, max_tokens, vocab_size=self.config.vocab_size, max_len=self.config.max_model_len
         )
 
+    @torch.inference_mode()
+    def _trace_lone(self) -> LoneForward | None:
+        """Trace the forward of a lone request with the default task's pooled row, with and without
+        token types where the model has them (a cross-encoder's pairs carry them)."""
+        config, params = self.config, [PoolingParams(task=self.config.task)]
+        token = self.pooler.output_token(params) if self.selects_rows else None
+        ids = [i % config.vocab_size for i in range(_TRACE_TOKENS)]
+        types: list[list[int] | None] = [None]
+        if getattr(config.hf_config, "type_vocab_size", 1) > 1:
+            types.append([0] * (_TRACE_TOKENS // 2) + [1] * (_TRACE_TOKENS - _TRACE_TOKENS // 2))
+        examples = [build_batch([ids], [t], self.device, output_token=token) for t in types]
+        return LoneForward.trace(self.model, examples, config.max_model_len)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """[num_tokens, hidden], or [num_seqs, hidden] for ``batch.output_rows``: a captured graph
-        when one holds the batch, else the eager model."""
+        when one holds the batch (GPU), a lone request's traced graph (CPU), else the eager model."""
         if self.graphs is not None and self.graphs.fits(batch):
             return take_rows(self.graphs.run(batch), batch.output_rows)
+        if self.lone is not None and self.lone.fits(batch):
+            return self.lone(batch)
         return self.model(batch)
 
     def execute(self, requests: list[Request]) -> list[torch.Tensor]:
