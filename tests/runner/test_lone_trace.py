@@ -218,7 +218,7 @@ def test_the_runner_traces_lone_requests_at_load_and_answers_as_in_a_batch(tmp_p
     llm = LLM(str(path), device="cpu")
     lone = llm.engine.core.runner.lone
     assert lone is not None
-    assert set(lone.graphs) == {(False, True), (True, True)}  # single texts, and pairs with token types
+    assert set(lone.graphs) == {(False, True)}  # a 2-label classifier: texts; no pairs to score
     graph, replays = lone.graphs[(False, True)], []
     lone.graphs[(False, True)] = lambda *tensors: replays.append(len(tensors)) or graph(*tensors)
     batched = [o.outputs.probs for o in llm.classify(PROMPTS, use_tqdm=False)]
@@ -233,7 +233,7 @@ def test_the_runner_traces_lone_requests_at_load_and_answers_as_in_a_batch(tmp_p
         assert a == pytest.approx(expected.tolist(), abs=1e-3)
     # A cross-encoder's pairs carry token types: their own graph.
     cross_encoder = LLM(str(build_model(tmp_path / "ce", "bert", "seq", num_labels=1)), device="cpu")
-    assert (True, True) in cross_encoder.engine.core.runner.lone.graphs
+    assert set(cross_encoder.engine.core.runner.lone.graphs) == {(False, True), (True, True)}
     pairs = [("what is the capital of france?", "paris"), ("horses", "the quick brown fox")]
     queries, documents = [q for q, _ in pairs], [d for _, d in pairs]
     batched_scores = [o.outputs.score for o in cross_encoder.score(queries, documents, use_tqdm=False)]

@@ -137,13 +137,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _trace_lone(self) -> LoneForward | None:
-        """Trace the forward of a lone request with the default task's pooled row, with and without
-        token types where the model has them (a cross-encoder's pairs carry them)."""
+        """Trace the forward of a lone request with the default task's pooled row; for a
+        cross-encoder with token types (BERT's), pairs carry them: a second graph with them."""
         config, params = self.config, [PoolingParams(task=self.config.task)]
         token = self.pooler.output_token(params) if self.selects_rows else None
         ids = [i % config.vocab_size for i in range(_TRACE_TOKENS)]
         types: list[list[int] | None] = [None]
-        if getattr(config.hf_config, "type_vocab_size", 1) > 1:
+        if config.score_type == "cross-encoder" and getattr(config.hf_config, "type_vocab_size", 1) > 1:
             types.append([0] * (_TRACE_TOKENS // 2) + [1] * (_TRACE_TOKENS - _TRACE_TOKENS // 2))
         examples = [build_batch([ids], [t], self.device, output_token=token) for t in types]
         return LoneForward.trace(self.model, examples, config.max_model_len)
