@@ -141,10 +141,11 @@ class ModelRunner:
         cross-encoder with token types (BERT's), pairs carry them: a second graph with them."""
         config, params = self.config, [PoolingParams(task=self.config.task)]
         token = self.pooler.output_token(params) if self.selects_rows else None
-        ids = [i % config.vocab_size for i in range(_TRACE_TOKENS)]
+        n = min(_TRACE_TOKENS, config.max_model_len)
+        ids = [i % config.vocab_size for i in range(n)]
         types: list[list[int] | None] = [None]
         if config.score_type == "cross-encoder" and getattr(config.hf_config, "type_vocab_size", 1) > 1:
-            types.append([0] * (_TRACE_TOKENS // 2) + [1] * (_TRACE_TOKENS - _TRACE_TOKENS // 2))
+            types.append([0] * (n // 2) + [1] * (n - n // 2))
         examples = [build_batch([ids], [t], self.device, output_token=token) for t in types]
         return LoneForward.trace(self.model, examples, config.max_model_len)
 
