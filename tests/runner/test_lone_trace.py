@@ -25,7 +25,7 @@ from tests.models.test_modernbert import build_modernbert
 from tests.tiny_models import PROMPTS, build_model
 from winnow import LLM
 from winnow.engine.builder import EngineArgs, prepare_engine
-from winnow.layers.linear import cpu_has_fp16_weights, pack_linears
+from winnow.layers.linear import PackedLinear, cpu_has_fp16_weights, pack_linears
 from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, build_batch
 from winnow.runner.lone_trace import LoneForward
@@ -59,8 +59,8 @@ EAGER_ONLY: dict[str, Callable[[Path], Path]] = {
 
 
 def load_unpacked(path: Path, *, fp16_weights: bool = False) -> tuple[ModelBase, Any]:
-    """The model with its plain ``nn.Linear``s (no oneDNN packing, which the tracer cannot record),
-    or with FBGEMM float16 weights (what ``dtype="auto"`` runs on AVX2 CPUs)."""
+    """The model with its plain ``nn.Linear``s, or with FBGEMM float16 weights (what
+    ``dtype="auto"`` runs on AVX2 CPUs); the runner's oneDNN-packed models have their own test."""
     config = prepare_engine(EngineArgs(model=str(path), device="cpu", dtype="float32"))[0].model
     model = load_model(config, CPU)
     if fp16_weights:
@@ -119,6 +119,31 @@ def test_a_signature_without_a_graph_runs_eagerly(tmp_path):
     batch = one_sequence(9, token=None, vocab=config.vocab_size)  # every token's state: no graph for it
     with torch.inference_mode():
         assert torch.equal(lone(batch), model(batch))
+
+
+def test_an_error_in_the_graph_is_the_eager_forwards_error(tmp_path):
+    """The interpreter wraps an operator's error in a RuntimeError; the caller sees the eager one."""
+    model, config = load_unpacked(BUILDERS["bert"](tmp_path))
+    lone = LoneForward.trace(model, [one_sequence(8, vocab=config.vocab_size)], MAX_LEN)
+    assert lone is not None
+    bad = build_batch([[2, config.vocab_size + 10, 3]], [None], CPU, output_token="first")
+    with torch.inference_mode(), pytest.raises(IndexError):
+        lone(bad)
+
+
+def test_a_graph_that_fails_alone_gives_way_to_the_eager_forward(tmp_path, caplog):
+    model, config = load_unpacked(BUILDERS["bert"](tmp_path))
+    lone = LoneForward.trace(model, [one_sequence(8, vocab=config.vocab_size)], MAX_LEN)
+    assert lone is not None
+
+    def broken(*tensors: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a graph-only failure")
+
+    lone.graphs[(False, True)] = broken
+    batch = one_sequence(12, vocab=config.vocab_size)
+    with caplog.at_level(logging.WARNING, logger="winnow.runner.lone_trace"), torch.inference_mode():
+        assert torch.equal(lone(batch), model(batch))
+    assert "graph failed where the eager forward did not: a graph-only failure" in caplog.text
 
 
 def test_two_threads_share_a_graph(tmp_path):
@@ -200,11 +225,17 @@ def test_families_that_read_host_lengths_do_not_opt_in(family, tmp_path):
     assert not LoneForward.supports(model)
 
 
-def test_onednn_packed_layers_are_not_traced(tmp_path):
+def test_onednn_packed_layers_trace_too(tmp_path):
     """float32 (and bfloat16 on CPUs with bf16 instructions) run oneDNN's packed linears, whose op
-    takes a list the tracer cannot record: the runner leaves those models eager."""
+    the tracer reaches through a TorchScript function: the graph equals the eager forward."""
     llm = LLM(str(BUILDERS["bert"](tmp_path)), device="cpu", dtype="float32")
-    assert llm.engine.core.runner.lone is None
+    runner = llm.engine.core.runner
+    assert runner.lone is not None and set(runner.lone.graphs) == {(False, True)}
+    assert any(isinstance(m, PackedLinear) for m in runner.model.modules())
+    with torch.inference_mode():
+        for length in LENGTHS:
+            batch = one_sequence(length, vocab=runner.config.vocab_size)
+            torch.testing.assert_close(runner.lone(batch), runner.model(batch))
 
 
 # -- the runner ------------------------------------------------------------------------------------

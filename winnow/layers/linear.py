@@ -26,6 +26,9 @@ from winnow.layers.activation import Activation
 # oneDNN's GEMM with a binary post-op (torch >= 2.1 builds with oneDNN).
 _HAS_BINARY = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
 
+# Whether torch.jit.trace is recording this call (runner/lone_trace.py); public, not re-exported.
+_is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+
 # The batch size oneDNN picks the packed layout for; any batch size works with it.
 _PACK_HINT_TOKENS = 64
 
@@ -71,9 +74,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.dtype = dtype or linear.weight.dtype
         weight = linear.weight.detach().to(self.dtype)
-        # An opaque oneDNN tensor: [out, in] logically; kept as a plain attribute, not a buffer,
-        # so module-wide casts and state_dict never touch it.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT_TOKENS)
+        # An opaque oneDNN tensor: [out, in] logically. A non-persistent buffer: state_dict never
+        # holds it, and a traced graph (runner/lone_trace.py) reads it as the module's attribute
+        # (the tracer cannot make a constant of an opaque tensor).
+        self.weight: torch.Tensor
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT_TOKENS)
+        self.register_buffer("weight", packed, persistent=False)
         self.plain_weight = weight if plain_one_row else None  # [out, in]
         self.bias = linear.bias.detach().to(self.dtype) if linear.bias is not None else None  # [out]
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -84,10 +90,26 @@ class PackedLinear(nn.Module):
         name, algorithm = post_op
         if self.plain_weight is not None and name == "none" and x.dtype == self.dtype and x.numel() == x.shape[-1]:
             return F.linear(x, self.plain_weight, self.bias)  # one row
+        # The tracer cannot record the op's empty list of optional scalars; a TorchScript function
+        # can (one call more, so only while tracing).
+        pointwise = _scripted_linear_pointwise() if _is_tracing() else _linear_pointwise
         if x.dtype == self.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, name, [], algorithm)
-        out = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, name, [], algorithm)
-        return out.to(x.dtype)
+            return pointwise(x, self.weight, self.bias, name, algorithm)
+        return pointwise(x.to(self.dtype), self.weight, self.bias, name, algorithm).to(x.dtype)
+
+
+def _linear_pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str, algorithm: str
+) -> torch.Tensor:
+    """oneDNN's GEMM on a packed weight, with an elementwise post-op (``name``, ``algorithm``)."""
+    scalars: list[int | float | complex | None] = []
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, scalars, algorithm)
+
+
+@functools.cache
+def _scripted_linear_pointwise() -> Callable[..., torch.Tensor]:
+    """``_linear_pointwise`` compiled by TorchScript (once, when a graph is first traced)."""
+    return torch.jit.script(_linear_pointwise)
 
 
 class Fp16WeightLinear(nn.Module):

@@ -34,7 +34,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from winnow.layers.linear import PackedLinear
 from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, build_batch
 
@@ -57,11 +56,8 @@ class LoneForward:
 
     @staticmethod
     def supports(model: ModelBase) -> bool:
-        """Whether ``model``'s forward can be traced: it says so, and none of its layers outside the
-        head is a oneDNN ``PackedLinear`` (its op takes a list of optional scalars, which the tracer
-        cannot record: float32, and bfloat16 on CPUs with bf16 instructions, stay eager)."""
-        body = (m for name, m in model.named_modules() if not name.startswith(model.head_prefixes))
-        return model.traces_lone_requests and not any(isinstance(m, PackedLinear) for m in body)
+        """Whether ``model``'s forward reads a one-sequence batch only through its tensors."""
+        return model.traces_lone_requests
 
     @classmethod
     def trace(cls, model: nn.Module, examples: list[Batch], max_len: int) -> LoneForward | None:
@@ -81,7 +77,16 @@ class LoneForward:
     def __call__(self, batch: Batch) -> torch.Tensor:
         """[num_tokens, hidden], or [1, hidden] for ``batch.output_rows``, as ``model(batch)``."""
         graph = self.graphs.get(_signature(batch))
-        return self.model(batch) if graph is None else graph(*_inputs(batch))
+        if graph is None:
+            return self.model(batch)
+        try:
+            return graph(*_inputs(batch))
+        except Exception as e:
+            # The interpreter wraps an operator's error in a RuntimeError; the eager forward raises
+            # the original (a token id out of range: IndexError), or answers if the graph was at fault.
+            out = self.model(batch)
+            logger.warning("%s: a lone request's graph failed where the eager forward did not: %s", _name(self), e)
+            return out
 
 
 def _trace(model: nn.Module, example: Batch, max_len: int) -> Graph | None:
@@ -127,6 +132,10 @@ class _FromTensors(nn.Module):
             self.example, input_ids=ids, positions=positions, token_type_ids=types, output_rows=rows
         )
         return self.model(batch)
+
+
+def _name(lone: LoneForward) -> str:
+    return type(lone.model).__name__
 
 
 def _signature(batch: Batch) -> Signature:
