@@ -259,7 +259,7 @@ class Int8LinearU7(Int8Linear):
     def __init__(self, linear: nn.Linear, ops: U7Ops | None = None) -> None:
         super().__init__(linear)
         self.ops = ops or U7Ops()
-        # An opaque oneDNN tensor, kept as a plain attribute (see PackedLinear.weight).
+        # An opaque oneDNN tensor, kept as a plain attribute: module-wide casts never touch it.
         self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
         self.register_buffer("colsum", self.qweight.float().sum(dim=1) * self.weight_scale)
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long))
