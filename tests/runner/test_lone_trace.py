@@ -92,7 +92,7 @@ def trace_and_compare(model: ModelBase, *, token: str | None, types: bool = Fals
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_one_graph_gives_the_eager_result_at_every_length(family, tmp_path):
     model, config = load_unpacked(BUILDERS[family](tmp_path))
-    assert LoneForward.supports(model)
+    assert model.traces_lone_requests
     decoder = family in ("gpt2", "qwen3", "mistral-window", "gemma", "gemma2")
     token = None if family.endswith("-tok") else ("last" if decoder else "first")
     trace_and_compare(model, token=token, vocab=config.vocab_size)
@@ -108,7 +108,7 @@ def test_token_types_are_an_input_of_their_own_graph(family, tmp_path):
 @pytest.mark.parametrize("family", ["bert", "qwen3"])
 def test_float16_weight_layers_trace_too(family, tmp_path):
     model, config = load_unpacked(BUILDERS[family](tmp_path), fp16_weights=True)
-    assert LoneForward.supports(model)
+    assert model.traces_lone_requests
     trace_and_compare(model, token="last" if family == "qwen3" else "first", vocab=config.vocab_size)
 
 
@@ -222,7 +222,7 @@ def test_a_forward_that_reads_only_tensors_is_traced():
 @pytest.mark.parametrize("family", list(EAGER_ONLY))
 def test_families_that_read_host_lengths_do_not_opt_in(family, tmp_path):
     model, _ = load_unpacked(EAGER_ONLY[family](tmp_path))
-    assert not LoneForward.supports(model)
+    assert not model.traces_lone_requests
 
 
 def test_onednn_packed_layers_trace_too(tmp_path):

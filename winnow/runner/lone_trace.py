@@ -34,7 +34,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from winnow.models.base import ModelBase
 from winnow.runner.batch import Batch, build_batch
 
 logger = logging.getLogger(__name__)
@@ -53,11 +52,6 @@ class LoneForward:
     def __init__(self, model: nn.Module, graphs: dict[Signature, Graph]) -> None:
         self.model = model
         self.graphs = graphs
-
-    @staticmethod
-    def supports(model: ModelBase) -> bool:
-        """Whether ``model``'s forward reads a one-sequence batch only through its tensors."""
-        return model.traces_lone_requests
 
     @classmethod
     def trace(cls, model: nn.Module, examples: list[Batch], max_len: int) -> LoneForward | None:
@@ -85,7 +79,8 @@ class LoneForward:
             # The interpreter wraps an operator's error in a RuntimeError; the eager forward raises
             # the original (a token id out of range: IndexError), or answers if the graph was at fault.
             out = self.model(batch)
-            logger.warning("%s: a lone request's graph failed where the eager forward did not: %s", _name(self), e)
+            name = type(self.model).__name__
+            logger.warning("%s: a lone request's graph failed where the eager forward did not: %s", name, e)
             return out
 
 
@@ -132,10 +127,6 @@ class _FromTensors(nn.Module):
             self.example, input_ids=ids, positions=positions, token_type_ids=types, output_rows=rows
         )
         return self.model(batch)
-
-
-def _name(lone: LoneForward) -> str:
-    return type(lone.model).__name__
 
 
 def _signature(batch: Batch) -> Signature:

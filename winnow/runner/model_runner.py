@@ -123,7 +123,7 @@ class ModelRunner:
         self.graphs = self._capture_graphs(cuda_graph_max_tokens) if cuda_graph_max_tokens else None
         # A lone request on a CPU replays a traced graph of the forward (runner/lone_trace.py). Not
         # under int8, whose layers choose their kernels by row count in Python.
-        traceable = device.type == "cpu" and quantization is None and LoneForward.supports(self.model)
+        traceable = device.type == "cpu" and quantization is None and self.model.traces_lone_requests
         self.lone = self._trace_lone() if traceable else None
 
     @torch.inference_mode()
