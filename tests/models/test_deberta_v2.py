@@ -232,6 +232,34 @@ def test_one_padded_group_equals_many_groups(variant, deberta, make_llm):
         torch.testing.assert_close(model(one), model(many), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_relative_positions_are_projected_at_load_not_per_forward(variant, deberta, make_llm):
+    """Kr and Qr depend on the weights alone: a forward of T tokens runs each layer's projections
+    on its T rows only (HF projects every relative-embedding row in every layer), and equals
+    transformers all the same (the parity tests above)."""
+    llm = make_llm(deberta("base", variant))
+    model = llm.engine.core.runner.model
+    layers = list(model.encoder.layer)
+    attention = layers[0].attention.self
+    span = model.encoder.span
+    assert attention.pos_key.shape == attention.pos_query.shape == (4, 8, 2 * span)  # [heads, head_dim, 2 span]
+    rows: list[int] = []  # the rows each projection multiplies, call by call
+    names = ("qkv_proj", "pos_key_proj", "pos_query_proj")
+    projections = [getattr(layer.attention.self, name, None) for layer in layers for name in names]
+
+    def count(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        rows.append(len(args[0]))
+
+    hooks = [m.register_forward_hook(count) for m in projections if m is not None]
+    try:
+        with torch.inference_mode():
+            model(build_batch([list(range(5, 12))], [None], torch.device("cpu")))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == [7] * len(layers)
+
+
 QUERY = "what is the capital of france?"
 DOCS = ["paris is the capital of france.", "horses and cows are both animals", "rain", LONG[1]]
 

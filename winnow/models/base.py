@@ -27,6 +27,9 @@ Class attributes the loader, config, runner and pooler read (declared with their
                               classifier_pooling) and a user override would change the model
     init_kwargs(config, names)  classmethod: extra constructor arguments decided by the checkpoint's
                               tensor names (e.g. whether the classifier has a bias)
+    process_weights_after_loading()  called by the loader once the weights are in place: what
+                              depends on the weights alone is computed here, once (DeBERTa's
+                              relative-position projections), not in every forward
     selects_output_rows True when forward honours ``Batch.output_rows``: the last layer runs its
                         output projection and feed-forward on those rows only (every token is still
                         a key and value) and returns them; the runner then asks for the pooled token
@@ -121,3 +124,7 @@ class ModelBase(nn.Module):
     @classmethod
     def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
         return {}
+
+    def process_weights_after_loading(self) -> None:
+        """Called by the loader once every weight is in place: derive what depends on the weights
+        alone (non-persistent buffers), so no forward recomputes it. Nothing by default."""

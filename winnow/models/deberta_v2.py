@@ -16,9 +16,14 @@ where ``Kr``/``Qr`` project the (optionally layer-normed) relative embeddings an
 ``[num_tokens, hidden]`` stream; attention runs per attention group on its padded grid
 (``layers/attention.py``), with the two terms folded into SDPA's additive mask. Each term is one
 bmm of a group's queries (keys) against its 2L - 1 distance columns, read along diagonals by a
-strided view (``relative_shift``), so no [L, L] index is gathered. The rows each distance reads
-depend only on the grid length: they are computed once per forward (on the host, with HF's float32
-bucketing), and only the relative-embedding rows the batch's distances can reach are projected.
+strided view (``relative_shift``), so no [L, L] index is gathered.
+
+``Kr``, ``Qr`` and the row of every distance depend on the weights and the config only, so they are
+computed once, after loading (``process_weights_after_loading``): HF projects all 2 x span relative
+rows in every layer of every forward, which for a short prompt is more GEMM work than its tokens'
+own projections (a 22-token prompt of DeBERTa-v3-base: 512 rows against 22). A group of length L
+reads 2L - 1 consecutive entries of the distance table, a slice whose bounds come from the grid's
+shape: a lone request's traced graph (``runner/lone_trace.py``) serves every length.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import from_grid, to_grid
 from winnow.layers.linear import linear_act, linear_add
 from winnow.models.base import ModelBase
-from winnow.runner.batch import AttentionGroup, Batch, take_rows, to_device
+from winnow.runner.batch import AttentionGroup, Batch, take_rows
 
 
 def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -51,12 +56,17 @@ def make_log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_p
 
 @dataclass(frozen=True)
 class RelativePositions:
-    """What one forward's layers share: the reachable relative-embedding rows and, per attention
-    group of length L, the row each of its 2L - 1 distance columns reads (see ``relative_shift``)."""
+    """The relative-embedding row each query - key distance reads, for every distance a prompt of at
+    most ``max_len`` tokens has, in descending order: entry k is distance ``max_len - 1 - k``."""
 
-    rows: slice  # rows of ``rel_embeddings`` the batch can reach; the layers project only these
-    c2p: tuple[torch.Tensor, ...]  # per group, [2L - 1] long: column e = key - query + L - 1 -> window row
-    p2c: tuple[torch.Tensor, ...]  # per group, [2L - 1] long: column e = query - key + L - 1 -> window row
+    c2p: torch.Tensor  # [2 * max_len - 1] long: the row of Kr (content -> position)
+    p2c: torch.Tensor  # [2 * max_len - 1] long: the row of Qr (position -> content), for the negated distance
+    max_len: int
+
+    def columns(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """[2L - 1]: the rows of a grid of ``length`` L's distance columns; column e is distance
+        L - 1 - e, the order ``relative_shift`` reads (entries max_len - L .. max_len + L - 2)."""
+        return rows.narrow(0, self.max_len - length, 2 * length - 1)
 
 
 def relative_shift(scores: torch.Tensor) -> torch.Tensor:
@@ -65,10 +75,14 @@ def relative_shift(scores: torch.Tensor) -> torch.Tensor:
     ``out[..., i, j] = scores[..., i, j - i + L - 1]``: row i of the view starts one element earlier
     in memory than a plain row would (stride 2L - 2), so no index tensor and no copy are needed.
     """
-    length, width = scores.shape[-2:]
-    assert width == 2 * length - 1 and scores.stride()[-2:] == (width, 1)
-    size, stride = (*scores.shape[:-1], length), (*scores.stride()[:-2], width - 1, 1)
-    return scores.as_strided(size, stride, scores.storage_offset() + length - 1)
+    # Strides from the shape, not ``stride()``: a traced graph records shapes, and freezes strides.
+    assert scores.is_contiguous() and scores.storage_offset() == 0, "a fresh [..., L, 2L - 1] tensor"
+    *lead, length, width = scores.shape
+    strides, step = [width - 1, 1], length * width  # step: the elements of one [L, 2L - 1] matrix
+    for size in reversed(lead):  # contiguous: each leading dimension steps over everything after it
+        strides.insert(0, step)
+        step = step * size
+    return scores.as_strided((*lead, length, length), strides, length - 1)
 
 
 def check_deberta_config(config: Any) -> None:
@@ -130,60 +144,62 @@ class DisentangledSelfAttention(nn.Module):
                 self.pos_key_proj = nn.Linear(config.hidden_size, self.all_head)
             if self.p2c:
                 self.pos_query_proj = nn.Linear(config.hidden_size, self.all_head)
+        # Kr and Qr of every relative-embedding row, [heads, head_dim, 2 * span] (scaled), set by
+        # ``project_positions`` after loading; None where the term is off.
+        self.register_buffer("pos_key", None, persistent=False)
+        self.register_buffer("pos_query", None, persistent=False)
 
-    def position_projections(self, rel: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """[W, hidden] relative embeddings -> (Kr, Qr) * scale, each [heads, head_dim, W] or None if unused."""
+    @torch.no_grad()
+    def project_positions(self, rel: torch.Tensor) -> None:
+        """Project the [2 * span, hidden] (layer-normed) relative embeddings once: ``pos_key`` (Kr)
+        and ``pos_query`` (Qr), each [heads, head_dim, 2 * span] with the score scale folded in."""
+        if not self.relative:
+            return
         a, heads = self.all_head, (self.num_heads, self.head_dim)
 
         def split(rows: torch.Tensor) -> torch.Tensor:
-            # [W, heads * head_dim] -> [heads, head_dim, W], with the score scale folded in (a small tensor)
-            return (rows * self.scale).unflatten(-1, heads).permute(1, 2, 0)
+            # [W, heads * head_dim] -> [heads, head_dim, W]; contiguous, as every forward gathers its columns
+            return (rows * self.scale).unflatten(-1, heads).permute(1, 2, 0).contiguous()
 
-        if self.share_att_key:  # the content projections; v is dropped (W rows: cheaper than a second weight)
+        if self.share_att_key:  # the content projections; v is dropped
             qk = self.qkv_proj(rel)[:, : 2 * a]  # [W, 2 * all_head]
-            return (split(qk[:, a:]) if self.c2p else None), (split(qk[:, :a]) if self.p2c else None)
-        kr = split(self.pos_key_proj(rel)) if self.c2p else None
-        qr = split(self.pos_query_proj(rel)) if self.p2c else None
-        return kr, qr
+            self.pos_key = split(qk[:, a:]) if self.c2p else None
+            self.pos_query = split(qk[:, :a]) if self.p2c else None
+        else:
+            self.pos_key = split(self.pos_key_proj(rel)) if self.c2p else None
+            self.pos_query = split(self.pos_query_proj(rel)) if self.p2c else None
 
-    def forward(
-        self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None, rel_emb: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None) -> torch.Tensor:
         """[T, hidden] -> [T, all_head]."""
         qkv = self.qkv_proj(x)  # [T, 3 * all_head]
-        kr, qr = self.position_projections(rel_emb) if self.relative and rel_emb is not None else (None, None)
         groups = batch.attn_groups
         if not groups:  # a CUDA graph's batch: relative positions are computed per padded group
             raise RuntimeError("DeBERTa's attention runs on padded groups; it cannot be captured in a CUDA graph.")
         if len(groups) == 1:
-            return self._group(qkv, groups[0], 0, rel, kr, qr)
+            return self._group(qkv, groups[0], rel)
         out = qkv.new_empty(qkv.shape[0], self.all_head)  # [T, all_head]
-        for g, group in enumerate(groups):
+        for group in groups:
             rows = slice(group.token_start, group.token_end)
-            out[rows] = self._group(qkv[rows], group, g, rel, kr, qr)
+            out[rows] = self._group(qkv[rows], group, rel)
         return out
 
-    def _group(
-        self,
-        qkv: torch.Tensor,
-        group: AttentionGroup,
-        g: int,
-        rel: RelativePositions | None,
-        kr: torch.Tensor | None,
-        qr: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Packed rows of group ``g`` [t, 3 * all_head] -> attention output rows [t, all_head]."""
-        n, length, h, dim = group.num_seqs, group.max_len, self.num_heads, self.head_dim
+    def _group(self, qkv: torch.Tensor, group: AttentionGroup, rel: RelativePositions | None) -> torch.Tensor:
+        """Packed rows of one group [t, 3 * all_head] -> attention output rows [t, all_head]."""
+        n, h, dim = group.num_seqs, self.num_heads, self.head_dim
         # [t, 3 * all_head] -> [n, L, 3, heads, dim] -> [3, heads, n, L, dim]: head-major, so that the
         # relative terms are one bmm per head over all n * L queries.
-        grid = to_grid(qkv, group).view(n, length, 3, h, dim).permute(2, 3, 0, 1, 4).contiguous()
+        grid = to_grid(qkv, group).view(n, -1, 3, h, dim).permute(2, 3, 0, 1, 4).contiguous()
+        length = grid.shape[3]  # L from the tensor, not the group: a traced lone request's graph serves every length
         q, k, v = grid.unbind(0)  # [heads, n, L, dim] each
         bias: torch.Tensor | None = None
+        kr, qr = self.pos_key, self.pos_query
         if rel is not None and kr is not None:  # content -> position: q_i . Kr[row(i - j)]
-            c2p = torch.bmm(q.flatten(1, 2), kr.index_select(-1, rel.c2p[g]))  # [heads, n * L, 2L - 1]
+            kr = kr.index_select(-1, rel.columns(rel.c2p, length))  # [heads, dim, 2L - 1]
+            c2p = torch.bmm(q.flatten(1, 2), kr)  # [heads, n * L, 2L - 1]
             bias = relative_shift(c2p.view(h, n, length, 2 * length - 1))  # [heads, n, query, key]
         if rel is not None and qr is not None:  # position -> content: k_j . Qr[row(j - i)]
-            p2c = torch.bmm(k.flatten(1, 2), qr.index_select(-1, rel.p2c[g]))  # [heads, n * L, 2L - 1]
+            qr = qr.index_select(-1, rel.columns(rel.p2c, length))  # [heads, dim, 2L - 1]
+            p2c = torch.bmm(k.flatten(1, 2), qr)  # [heads, n * L, 2L - 1]
             p2c = relative_shift(p2c.view(h, n, length, 2 * length - 1)).transpose(-1, -2)  # [heads, n, query, key]
             bias = p2c if bias is None else bias + p2c
         mask = group.attn_mask  # [n, 1, 1, L] bool or None: True on real keys
@@ -238,13 +254,12 @@ class DebertaV2Layer(nn.Module):
         x: torch.Tensor,
         batch: Batch,
         rel: RelativePositions | None,
-        rel_emb: torch.Tensor | None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``rows``: compute the output of these tokens only ([R] -> [R, hidden]); every token still
         serves as a key and value."""
         attn = self.attention
-        a = attn.self(x, batch, rel, rel_emb)  # [T, hidden]
+        a = attn.self(x, batch, rel)  # [T, hidden]
         a, x = take_rows(a, rows), take_rows(x, rows)  # [T or R, hidden]
         x = attn.output.LayerNorm(linear_add(attn.output.dense, a, x))  # [T or R, hidden]
         h = linear_act(self.intermediate.dense, self.act, x)  # [T or R, intermediate]
@@ -264,13 +279,20 @@ class ConvLayer(nn.Module):
 
     def forward(self, embedded: torch.Tensor, residual: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``embedded`` (the encoder input), ``residual`` (layer 0's output): [T, hidden] -> [T, hidden]."""
-        out = torch.empty_like(residual)  # [T, hidden]
-        for group in batch.attn_groups:
-            rows = slice(group.token_start, group.token_end)
-            # Zero right padding = HF's masked-out padding embeddings: the kernel sees zeros past the end.
-            grid = to_grid(embedded[rows], group).transpose(1, 2)  # [num_seqs, hidden, max_len]
-            out[rows] = from_grid(self.conv(grid).transpose(1, 2), group)  # [t, hidden]
+        groups = batch.attn_groups
+        if len(groups) == 1:  # no row slices: their bounds are host numbers a traced graph would freeze
+            out = self._group(embedded, groups[0])  # [T, hidden]
+        else:
+            out = torch.empty_like(residual)  # [T, hidden]
+            for group in groups:
+                rows = slice(group.token_start, group.token_end)
+                out[rows] = self._group(embedded[rows], group)
         return self.LayerNorm(residual + self.act(out))  # [T, hidden]
+
+    def _group(self, embedded: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        # Zero right padding = HF's masked-out padding embeddings: the kernel sees zeros past the end.
+        grid = to_grid(embedded, group).transpose(1, 2)  # [num_seqs, hidden, max_len]
+        return from_grid(self.conv(grid).transpose(1, 2), group)  # [t, hidden]
 
 
 class DebertaV2Encoder(nn.Module):
@@ -288,44 +310,44 @@ class DebertaV2Encoder(nn.Module):
         norm = [x.strip() for x in str(getattr(config, "norm_rel_ebd", "none")).lower().split("|")]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if "layer_norm" in norm else None
         self.conv = ConvLayer(config) if getattr(config, "conv_kernel_size", 0) > 0 else None
+        # The longest prompt (``DebertaV2Model.max_positions``), and the row each of its distances
+        # reads (``process_weights_after_loading``): [2 * max_len - 1] long each.
+        self.max_len = int(config.max_position_embeddings)
+        self.register_buffer("c2p_rows", None, persistent=False)
+        self.register_buffer("p2c_rows", None, persistent=False)
 
-    def relative_positions(self, batch: Batch) -> RelativePositions:
-        """The relative-embedding rows each group's distance columns read (HF's c2p_pos / p2c_pos)."""
-        n, span = batch.max_seqlen, self.span
-        # The 2n - 1 query-minus-key distances -(n-1)..n-1, bucketed on the host (a tiny tensor).
-        dist = torch.arange(-(n - 1), n)  # [2n - 1]: distance d at index d + n - 1
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """Project every relative-embedding row in each layer (``project_positions``) and tabulate the
+        row each distance of a prompt of up to ``max_len`` tokens reads (HF's c2p_pos / p2c_pos)."""
+        if not self.relative_attention:
+            return
+        rel_emb = self.rel_embeddings.weight  # [2 * span, hidden]
+        if self.LayerNorm is not None:
+            rel_emb = self.LayerNorm(rel_emb)
+        for layer in self.layer:
+            assert isinstance(layer, DebertaV2Layer)
+            layer.attention.self.project_positions(rel_emb)
+        # Every query - key distance, descending; bucketed on the host with HF's float32 arithmetic.
+        span, dist = self.span, torch.arange(self.max_len - 1, -self.max_len, -1)  # [2 * max_len - 1]
         if self.position_buckets > 0:
             dist = make_log_bucket_position(dist, self.position_buckets, self.max_relative_positions).long()
-        c2p_row = (dist + span).clamp(0, 2 * span - 1)  # [2n - 1] row of Kr for query - key = d
-        p2c_row = (-dist + span).clamp(0, 2 * span - 1)  # [2n - 1] row of Qr for key - query = d
-        lo, hi = int(min(c2p_row.min(), p2c_row.min())), int(max(c2p_row.max(), p2c_row.max()))
-        device = batch.input_ids.device
-        # Column e of a group of length L is distance L - 1 - e: indices n + L - 2 down to n - L.
-        spans = [slice(n - g.max_len, n + g.max_len - 1) for g in batch.attn_groups]
-        # Uploaded through pinned memory: a copy from pageable memory would block the host until
-        # the previous batch finished on a GPU (runner/batch.to_device).
-        c2p = tuple(to_device((c2p_row[s].flip(0) - lo).numpy(), device) for s in spans)  # [2L - 1] each
-        p2c = tuple(to_device((p2c_row[s].flip(0) - lo).numpy(), device) for s in spans)  # [2L - 1] each
-        return RelativePositions(slice(lo, hi + 1), c2p, p2c)
+        device = rel_emb.device
+        self.c2p_rows = (dist + span).clamp(0, 2 * span - 1).to(device)  # row of Kr for query - key = d
+        self.p2c_rows = (-dist + span).clamp(0, 2 * span - 1).to(device)  # row of Qr for key - query = d
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        rel: RelativePositions | None = None
-        rel_emb: torch.Tensor | None = None
-        if self.relative_attention:
-            rel = self.relative_positions(batch)
-            rel_emb = self.rel_embeddings.weight[rel.rows]  # [W, hidden]: the rows this batch can reach
-            if self.LayerNorm is not None:
-                rel_emb = self.LayerNorm(rel_emb)  # row-wise, so normalising a slice is exact
+        rel = RelativePositions(self.c2p_rows, self.p2c_rows, self.max_len) if self.relative_attention else None
         embedded = x
         *body, last = self.layer
         for i, layer in enumerate(body):
-            x = layer(x, batch, rel, rel_emb)  # [T, hidden]
+            x = layer(x, batch, rel)  # [T, hidden]
             if i == 0 and self.conv is not None:
                 x = self.conv(embedded, x, batch)
         if not body and self.conv is not None:  # one layer, then the convolution: it needs every token
-            x = self.conv(embedded, last(x, batch, rel, rel_emb), batch)
+            x = self.conv(embedded, last(x, batch, rel), batch)
             return take_rows(x, batch.output_rows)
-        return last(x, batch, rel, rel_emb, batch.output_rows)  # [T, hidden] or [num_seqs, hidden]
+        return last(x, batch, rel, batch.output_rows)  # [T, hidden] or [num_seqs, hidden]
 
 
 class DebertaV2Model(ModelBase):
@@ -365,6 +387,9 @@ class DebertaV2Model(ModelBase):
     def max_positions(cls, config: Any) -> int:
         # Relative attention has no hard limit, but tokenizers and configs say 512: keep theirs.
         return int(config.max_position_embeddings)
+
+    def process_weights_after_loading(self) -> None:
+        self.encoder.process_weights_after_loading()
 
     @classmethod
     def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
@@ -410,6 +435,9 @@ class _Classifier(ModelBase):
     @classmethod
     def init_kwargs(cls, config: Any, names: set[str]) -> dict[str, Any]:
         return DebertaV2Model.init_kwargs(config, names)
+
+    def process_weights_after_loading(self) -> None:
+        self.deberta.process_weights_after_loading()
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.deberta(batch)  # [T, hidden]

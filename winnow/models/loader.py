@@ -189,7 +189,9 @@ def load_weights(
         target = head_dtype if name.startswith(head_prefixes) else dtype
         state[name] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    model.process_weights_after_loading()
+    return model
 
 
 def _missing_head_advice(missing: list[str], head_prefixes: tuple[str, ...], *, loaded: Mapping[str, object]) -> str:
