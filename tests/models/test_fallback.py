@@ -104,6 +104,7 @@ def test_fallback_is_not_native_and_warns_once(make_model, caplog):
     with caplog.at_level(logging.WARNING, logger="winnow"):
         llm = LLM(str(path), device="cpu")  # a fresh engine: the cached ones logged long ago
     assert llm.model_config.entry.is_native is False
+    assert llm.engine.core.runner.lone is None  # transformers' own modules: no traced lone-request graph
     warnings = [r for r in caplog.records if r.name.startswith("winnow") and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "slow path" in warnings[0].getMessage()

@@ -27,6 +27,7 @@ from winnow import LLM
 from winnow.engine.builder import EngineArgs, prepare_engine
 from winnow.layers.linear import PackedLinear, cpu_has_fp16_weights, pack_linears
 from winnow.models.base import ModelBase
+from winnow.models.registry import native_architectures, resolve_architecture
 from winnow.runner.batch import Batch, build_batch
 from winnow.runner.lone_trace import LoneForward
 from winnow.runner.model_runner import load_model
@@ -49,12 +50,14 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "mistral-window": functools.partial(build_decoder, family="mistral", head="seq", sliding_window=5),
     "gemma": functools.partial(build_decoder, family="gemma", head="seq"),
     "gemma2": functools.partial(build_decoder, family="gemma2", head="seq"),
-}
-# Families whose forward reads host-side lengths (DeBERTa's relative-position rows, ModernBERT's
-# window switch): they stay eager.
-EAGER_ONLY: dict[str, Callable[[Path], Path]] = {
-    "modernbert": functools.partial(build_modernbert, head="seq"),
+    # DeBERTa: log buckets and clamped distances within the long lengths; separate position
+    # projections and absolute positions (v2); the convolution beside the first layer.
     "deberta-v3": functools.partial(build_deberta, head="seq", variant="v3"),
+    "deberta-v2-tok": functools.partial(build_deberta, head="tok", variant="v2"),
+    "deberta-conv": functools.partial(build_deberta, head="seq", variant="conv"),
+    # ModernBERT: local layers of +-4 tokens, so every length from 10 on is windowed.
+    "modernbert": functools.partial(build_modernbert, head="seq"),
+    "modernbert-tok": functools.partial(build_modernbert, head="tok"),
 }
 
 
@@ -98,7 +101,7 @@ def test_one_graph_gives_the_eager_result_at_every_length(family, tmp_path):
     trace_and_compare(model, token=token, vocab=config.vocab_size)
 
 
-@pytest.mark.parametrize("family", ["bert", "electra"])
+@pytest.mark.parametrize("family", ["bert", "electra", "deberta-v2-tok"])
 def test_token_types_are_an_input_of_their_own_graph(family, tmp_path):
     model, config = load_unpacked(BUILDERS[family](tmp_path))
     trace_and_compare(model, token="first", types=True, vocab=config.vocab_size)
@@ -219,10 +222,11 @@ def test_a_forward_that_reads_only_tensors_is_traced():
         assert torch.equal(lone(batch), model(batch))
 
 
-@pytest.mark.parametrize("family", list(EAGER_ONLY))
-def test_families_that_read_host_lengths_do_not_opt_in(family, tmp_path):
-    model, _ = load_unpacked(EAGER_ONLY[family](tmp_path))
-    assert not model.traces_lone_requests
+def test_every_native_class_opts_in():
+    """Every class the registry names runs a lone request from a graph; a new family that cannot
+    (a forward that reads host-side lengths) would have to be named here on purpose."""
+    classes = {resolve_architecture([arch]).load_class() for arch in native_architectures()}
+    assert [c.__name__ for c in classes if not c.traces_lone_requests] == []
 
 
 def test_onednn_packed_layers_trace_too(tmp_path):

@@ -376,6 +376,7 @@ class DebertaV2Model(ModelBase):
     )
     head_prefixes: ClassVar[tuple[str, ...]] = ()
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
         super().__init__()
@@ -423,6 +424,7 @@ class _Classifier(ModelBase):
     quantizable = DebertaV2Model.quantizable
     head_prefixes: ClassVar[tuple[str, ...]] = ("classifier.",)
     selects_output_rows = DebertaV2Model.selects_output_rows
+    traces_lone_requests = DebertaV2Model.traces_lone_requests
 
     def __init__(self, config: Any, *, keep_position_embeddings: bool = False) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.jit import is_tracing  # type: ignore[attr-defined]
 
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
@@ -94,13 +95,15 @@ class ModernBertAttention(nn.Module):
         self, x: torch.Tensor, batch: Batch, rope: RopeTables, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[T, hidden] -> [T, hidden], or [R, hidden] for the tokens ``rows`` (all tokens still are keys and values)."""
-        hidden = x.shape[1]
+        hidden = self.num_heads * self.head_dim  # a number, not x.shape[1]: a traced graph would warn on it
         q, k, v = self.Wqkv(x).split(hidden, dim=1)  # 3 x [T, hidden], views
         cos, sin = rope[self.layer_type]
         q = self._rotate(q, cos, sin)
         k = self._rotate(k, cos, sin)
-        # A window wider than the longest sequence restricts nothing: skip the mask.
-        window = self.window if self.window is not None and self.window < batch.max_seqlen - 1 else None
+        # A window wider than the longest sequence restricts nothing: skip the mask. Not in a traced
+        # graph (a lone request's, runner/lone_trace.py): that one serves every length, so it keeps it.
+        narrow = self.window is not None and (is_tracing() or self.window < batch.max_seqlen - 1)
+        window = self.window if narrow else None
         spec = AttentionSpec(num_heads=self.num_heads, head_dim=self.head_dim, window=window)
         out = packed_attention(q, k, v, batch, spec)  # [T, hidden]
         return self.Wo(take_rows(out, rows))  # [T or R, hidden]
@@ -155,6 +158,7 @@ class ModernBertModel(ModelBase):
     quantizable: ClassVar[tuple[str, ...]] = (r"(.*\.)?layers\.\d+\.mlp\.Wi", r"(.*\.)?layers\.\d+\.mlp\.Wo")
     quantizable_7bit: ClassVar[tuple[str, ...] | None] = quantizable[:1]  # not Wo (ModelBase)
     selects_output_rows: ClassVar[bool] = True  # honours Batch.output_rows
+    traces_lone_requests: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -205,6 +209,7 @@ class _ModernBertClassifier(ModelBase):
     quantizable = ModernBertModel.quantizable
     quantizable_7bit = ModernBertModel.quantizable_7bit
     selects_output_rows = ModernBertModel.selects_output_rows
+    traces_lone_requests = ModernBertModel.traces_lone_requests
 
     def __init__(self, config: Any) -> None:
         super().__init__()
