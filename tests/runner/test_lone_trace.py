@@ -26,8 +26,10 @@ from tests.tiny_models import PROMPTS, build_model
 from winnow import LLM
 from winnow.engine.builder import EngineArgs, prepare_engine
 from winnow.layers.linear import PackedLinear, cpu_has_fp16_weights, pack_linears
+from winnow.layers.quant import TRACED_INT8_MAX_TOKENS
 from winnow.models.base import ModelBase
 from winnow.models.registry import native_architectures, resolve_architecture
+from winnow.runner import model_runner
 from winnow.runner.batch import Batch, build_batch
 from winnow.runner.lone_trace import LoneForward
 from winnow.runner.model_runner import load_model
@@ -276,7 +278,20 @@ def test_the_runner_traces_lone_requests_at_load_and_answers_as_in_a_batch(tmp_p
     assert alone_scores == pytest.approx(batched_scores, abs=1e-5)
 
 
-def test_int8_models_are_not_traced(tmp_path):
-    """int8 layers pick their kernels by row count in Python: a graph would freeze one choice."""
+@pytest.mark.parametrize("scheme", ["u7s8", "s8s8"])
+def test_int8_lone_requests_replay_the_eager_int8_ops(scheme, tmp_path, monkeypatch):
+    """int8 layers run compiled elementwise parts (from 64 rows under u7s8, always under s8s8),
+    which a graph cannot hold: traced, they take their eager functions, which compute the same
+    numbers. The graph serves up to TRACED_INT8_MAX_TOKENS tokens; longer prompts run eagerly."""
+    monkeypatch.setattr(model_runner, "int8_scheme", lambda: scheme)
     llm = LLM(str(BUILDERS["bert"](tmp_path)), device="cpu", quantization="int8")
-    assert llm.engine.core.runner.lone is None
+    runner = llm.engine.core.runner
+    assert runner.lone is not None and set(runner.lone.graphs) == {(False, True)}
+    assert runner.lone.max_tokens == min(runner.config.max_model_len, TRACED_INT8_MAX_TOKENS)
+    with torch.inference_mode():
+        for length in LENGTHS:
+            batch = one_sequence(length, vocab=runner.config.vocab_size)
+            # A compiled quantize may round a tie the other way (one code step): int8's own tolerance.
+            torch.testing.assert_close(runner.lone(batch), runner.model(batch), atol=2e-3, rtol=0)
+    longest = LoneForward(runner.model, runner.lone.graphs, max_tokens=30)
+    assert longest.fits(one_sequence(30)) and not longest.fits(one_sequence(31))

@@ -26,8 +26,9 @@ from winnow.layers.activation import Activation
 # oneDNN's GEMM with a binary post-op (torch >= 2.1 builds with oneDNN).
 _HAS_BINARY = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
 
-# Whether torch.jit.trace is recording this call (runner/lone_trace.py); public, not re-exported.
-_is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
+# Whether torch.jit.trace is recording this call (runner/lone_trace.py): layers then take the path
+# a graph can hold. torch.jit's own is public but not re-exported, hence the alias.
+is_tracing: Callable[[], bool] = torch.jit.is_tracing  # type: ignore[attr-defined]
 
 # The batch size oneDNN picks the packed layout for; any batch size works with it.
 _PACK_HINT_TOKENS = 64
@@ -92,7 +93,7 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.plain_weight, self.bias)  # one row
         # The tracer cannot record the op's empty list of optional scalars; a TorchScript function
         # can (one call more, so only while tracing).
-        pointwise = _scripted_linear_pointwise() if _is_tracing() else _linear_pointwise
+        pointwise = _scripted_linear_pointwise() if is_tracing() else _linear_pointwise
         if x.dtype == self.dtype:
             return pointwise(x, self.weight, self.bias, name, algorithm)
         return pointwise(x.to(self.dtype), self.weight, self.bias, name, algorithm).to(x.dtype)

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from winnow.errors import ConfigError
-from winnow.layers.linear import PackedLinear, onednn_available, replace_linears
+from winnow.layers.linear import PackedLinear, is_tracing, onednn_available, replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,13 @@ _EAGER_U7 = U7Ops()
 # at 1 row, 78 / 78 at 22, 173 / 209 at 256; rescale 57 / 10, 73 / 44, 249 / 277. One MiniLM-shape
 # request forward, int8: 8.4 -> 6.6 ms at 8 tokens, 12.0 -> 10.1 ms at 22.
 U7_COMPILED_MIN_ROWS = 64
+
+# A lone request's traced graph (runner/lone_trace.py) holds the eager quantize and rescale at every
+# length, so under int8 it serves prompts of up to this many tokens; longer ones run eagerly, with
+# the compiled parts. Measured on a 2-core AVX2 EPYC, one request's forward, eager / traced, ms:
+# MiniLM 8 tokens 5.55 / 3.78, 64: 12.7-13.7 / 9.6-10.3, 128: 21.7 / 18.4, 200: 28.8 / 33.5;
+# bert-base 22: 33.5 / 29.5, 128: 138.6 / 129.2, 200: 190.4 / 186.9.
+TRACED_INT8_MAX_TOKENS = 128
 
 
 def _has_u8s8_gemm() -> bool:
@@ -246,7 +253,8 @@ class Int8Linear(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        out = self.fn(x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.bias)
+        fn = int8_linear if is_tracing() else self.fn  # a traced graph holds the eager ops, not compiled code
+        out = fn(x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -255,27 +263,44 @@ class Int8LinearU7(Int8Linear):
     oneDNN's u8 x s8 GEMM from a pre-packed copy."""
 
     colsum: torch.Tensor  # [out] float32
+    packed: torch.Tensor  # the int8 weight in oneDNN's opaque layout
+    weight_zero_point: torch.Tensor  # [out] zeros (symmetric weights)
 
     def __init__(self, linear: nn.Linear, ops: U7Ops | None = None) -> None:
         super().__init__(linear)
         self.ops = ops or U7Ops()
-        # An opaque oneDNN tensor, kept as a plain attribute: module-wide casts never touch it.
-        self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+        # A non-persistent buffer, as PackedLinear's weight: a traced graph reads it as an attribute.
+        # int8, so module-wide casts to a float dtype leave it alone.
+        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.qweight, None), persistent=False)
         self.register_buffer("colsum", self.qweight.float().sum(dim=1) * self.weight_scale)
         self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
-        ops = self.ops if rows.shape[0] >= U7_COMPILED_MIN_ROWS else _EAGER_U7
+        tracing = is_tracing()  # a graph holds the eager ops (compiled code cannot be traced)
+        ops = _EAGER_U7 if tracing or rows.shape[0] < U7_COMPILED_MIN_ROWS else self.ops
         codes, zero_point, scale = ops.quantize(rows)
-        # [tokens, out] float32: the exact int32 sums of codes @ qweight^T times weight_scale. The
-        # activation's scale 1 and zero point 0 here: its per-token ones are applied by rescale.
-        sums = torch.ops.onednn.qlinear_pointwise(
-            codes, 1.0, 0, self.packed, self.weight_scale, self.weight_zero_point,
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
+        # [tokens, out] float32: the exact int32 sums of codes @ qweight^T times weight_scale.
+        gemm = _scripted_u7_gemm() if tracing else _u7_gemm
+        sums = gemm(codes, self.packed, self.weight_scale, self.weight_zero_point)
         out = ops.rescale(sums, zero_point, scale, self.colsum, self.bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _u7_gemm(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """oneDNN's u8 x s8 GEMM, [tokens, in] codes -> [tokens, out] float32 sums times the weight scales.
+    The activation's scale 1 and zero point 0 here: ``rescale_u7`` applies its per-token ones."""
+    no_args: list[int | float | complex | None] = []  # typed: TorchScript reads the annotation
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", no_args, ""
+    )
+
+
+@functools.cache
+def _scripted_u7_gemm() -> Callable[..., torch.Tensor]:
+    """``_u7_gemm`` compiled by TorchScript, for the tracer: it cannot record the op's empty
+    ``Scalar?[]`` argument itself (as ``layers/linear._scripted_linear_pointwise``)."""
+    return torch.jit.script(_u7_gemm)
 
 
 def quantize_int8(

@@ -30,11 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.jit import is_tracing  # type: ignore[attr-defined]
 
 from winnow.errors import ModelLoadError
 from winnow.layers.activation import get_activation, is_supported_activation
 from winnow.layers.attention import AttentionSpec, packed_attention
+from winnow.layers.linear import is_tracing
 from winnow.layers.rotary import RotaryEmbedding, apply_rotary
 from winnow.models.base import ModelBase
 from winnow.params import PoolingType

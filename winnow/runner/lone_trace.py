@@ -49,24 +49,25 @@ class LoneForward:
     """``model(batch)`` for one-sequence batches, through the graph traced for the batch's
     ``Signature``, or eagerly for a signature that has none."""
 
-    def __init__(self, model: nn.Module, graphs: dict[Signature, Graph]) -> None:
+    def __init__(self, model: nn.Module, graphs: dict[Signature, Graph], max_tokens: int) -> None:
         self.model = model
         self.graphs = graphs
+        self.max_tokens = max_tokens
 
     @classmethod
     def trace(cls, model: nn.Module, examples: list[Batch], max_len: int) -> LoneForward | None:
         """Trace ``model`` on each one-sequence example (one per signature a request may bring);
-        None if no graph passed its checks. ``max_len``: the longest prompt the model takes."""
+        None if no graph passed its checks. ``max_len``: the longest prompt the graphs serve (the
+        model's longest, or less where longer prompts run faster eagerly: int8's compiled parts)."""
         graphs = {}
         for example in examples:
             graph = _trace(model, example, max_len)
             if graph is not None:
                 graphs[_signature(example)] = graph
-        return cls(model, graphs) if graphs else None
+        return cls(model, graphs, max_len) if graphs else None
 
-    @staticmethod
-    def fits(batch: Batch) -> bool:
-        return batch.num_seqs == 1
+    def fits(self, batch: Batch) -> bool:
+        return batch.num_seqs == 1 and batch.num_tokens <= self.max_tokens
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """[num_tokens, hidden], or [1, hidden] for ``batch.output_rows``, as ``model(batch)``."""

@@ -16,7 +16,7 @@ import torch
 
 from winnow.layers.linear import cpu_has_fast, pack_linears
 from winnow.layers.pooling import PooledBatch, Pooler
-from winnow.layers.quant import compile_variants, int8_scheme, quantize_int8
+from winnow.layers.quant import TRACED_INT8_MAX_TOKENS, compile_variants, int8_scheme, quantize_int8
 from winnow.models.base import ModelBase
 from winnow.models.files import find_weight_files
 from winnow.models.loader import load_weights
@@ -121,10 +121,11 @@ class ModelRunner:
         self.overlaps = device.type == "cuda"
         # Batches of up to this many tokens replay a captured forward (runner/cuda_graphs.py).
         self.graphs = self._capture_graphs(cuda_graph_max_tokens) if cuda_graph_max_tokens else None
-        # A lone request on a CPU replays a traced graph of the forward (runner/lone_trace.py). Not
-        # under int8, whose layers choose their kernels by row count in Python.
-        traceable = device.type == "cpu" and quantization is None and self.model.traces_lone_requests
-        self.lone = self._trace_lone() if traceable else None
+        # A lone request on a CPU replays a traced graph of the forward (runner/lone_trace.py); under
+        # int8 up to TRACED_INT8_MAX_TOKENS tokens (the graph holds the eager quantize and rescale).
+        traceable = device.type == "cpu" and self.model.traces_lone_requests
+        max_tokens = config.max_model_len if quantization is None else min(config.max_model_len, TRACED_INT8_MAX_TOKENS)
+        self.lone = self._trace_lone(max_tokens) if traceable else None
 
     @torch.inference_mode()
     def _capture_graphs(self, max_tokens: int) -> CudaGraphs | None:
@@ -136,18 +137,18 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def _trace_lone(self) -> LoneForward | None:
-        """Trace the forward of a lone request with the default task's pooled row; for a
-        cross-encoder with token types (BERT's), pairs carry them: a second graph with them."""
+    def _trace_lone(self, max_tokens: int) -> LoneForward | None:
+        """Trace the forward of a lone request of up to ``max_tokens`` with the default task's pooled
+        row; for a cross-encoder with token types (BERT's), pairs carry them: a second graph with them."""
         config, params = self.config, [PoolingParams(task=self.config.task)]
         token = self.pooler.output_token(params) if self.selects_rows else None
-        n = min(_TRACE_TOKENS, config.max_model_len)
+        n = min(_TRACE_TOKENS, max_tokens)
         ids = [i % config.vocab_size for i in range(n)]
         types: list[list[int] | None] = [None]
         if config.score_type == "cross-encoder" and getattr(config.hf_config, "type_vocab_size", 1) > 1:
             types.append([0] * (n // 2) + [1] * (n - n // 2))
         examples = [build_batch([ids], [t], self.device, output_token=token) for t in types]
-        return LoneForward.trace(self.model, examples, config.max_model_len)
+        return LoneForward.trace(self.model, examples, max_tokens)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """[num_tokens, hidden], or [num_seqs, hidden] for ``batch.output_rows``: a captured graph
