@@ -17,6 +17,7 @@ import torch
 
 from winnow.config import HFOverrides, ModelConfig, load_hf_config, resolve_device
 from winnow.engine.cpu_cores import CpuCores
+from winnow.engine.cpu_malloc import keep_freed_memory
 from winnow.engine.engine_core import EngineCore, StepStats
 from winnow.engine.scheduler import Scheduler
 from winnow.errors import ConfigError, InvalidInputError
@@ -164,6 +165,8 @@ def load_engine(
     started = time.perf_counter()
     model_config = config.model
     cpu = CpuCores(config.cpu_cores, config.cpu_workers) if config.device.type == "cpu" else None
+    if cpu is not None:
+        keep_freed_memory()  # a batch's activations reuse the last batch's memory (engine/cpu_malloc.py)
     runner = ModelRunner(
         model_config,
         config.device,
