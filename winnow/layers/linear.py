@@ -91,9 +91,7 @@ class PackedLinear(nn.Module):
         name, algorithm = post_op
         if self.plain_weight is not None and name == "none" and x.dtype == self.dtype and x.numel() == x.shape[-1]:
             return F.linear(x, self.plain_weight, self.bias)  # one row
-        # The tracer cannot record the op's empty list of optional scalars; a TorchScript function
-        # can (one call more, so only while tracing).
-        pointwise = _scripted_linear_pointwise() if is_tracing() else _linear_pointwise
+        pointwise = traceable(_linear_pointwise)
         if x.dtype == self.dtype:
             return pointwise(x, self.weight, self.bias, name, algorithm)
         return pointwise(x.to(self.dtype), self.weight, self.bias, name, algorithm).to(x.dtype)
@@ -107,10 +105,16 @@ def _linear_pointwise(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, scalars, algorithm)
 
 
+def traceable(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn``, or while a graph is being traced (runner/lone_trace.py) ``fn`` compiled by TorchScript
+    (once). For oneDNN ops that take an empty list of optional scalars: the tracer cannot record
+    that argument, a TorchScript function can (one call more, so only while tracing)."""
+    return _scripted(fn) if is_tracing() else fn
+
+
 @functools.cache
-def _scripted_linear_pointwise() -> Callable[..., torch.Tensor]:
-    """``_linear_pointwise`` compiled by TorchScript (once, when a graph is first traced)."""
-    return torch.jit.script(_linear_pointwise)
+def _scripted(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return torch.jit.script(fn)
 
 
 class Fp16WeightLinear(nn.Module):

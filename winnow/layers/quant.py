@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from winnow.errors import ConfigError
-from winnow.layers.linear import PackedLinear, is_tracing, onednn_available, replace_linears
+from winnow.layers.linear import PackedLinear, is_tracing, onednn_available, replace_linears, traceable
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ class Int8LinearU7(Int8Linear):
         ops = _EAGER_U7 if tracing or rows.shape[0] < U7_COMPILED_MIN_ROWS else self.ops
         codes, zero_point, scale = ops.quantize(rows)
         # [tokens, out] float32: the exact int32 sums of codes @ qweight^T times weight_scale.
-        gemm = _scripted_u7_gemm() if tracing else _u7_gemm
-        sums = gemm(codes, self.packed, self.weight_scale, self.weight_zero_point)
+        sums = traceable(_u7_gemm)(codes, self.packed, self.weight_scale, self.weight_zero_point)
         out = ops.rescale(sums, zero_point, scale, self.colsum, self.bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -294,13 +293,6 @@ def _u7_gemm(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tens
     return torch.ops.onednn.qlinear_pointwise(
         codes, 1.0, 0, packed, weight_scale, zero, None, 1.0, 0, torch.float32, "none", no_args, ""
     )
-
-
-@functools.cache
-def _scripted_u7_gemm() -> Callable[..., torch.Tensor]:
-    """``_u7_gemm`` compiled by TorchScript, for the tracer: it cannot record the op's empty
-    ``Scalar?[]`` argument itself (as ``layers/linear._scripted_linear_pointwise``)."""
-    return torch.jit.script(_u7_gemm)
 
 
 def quantize_int8(

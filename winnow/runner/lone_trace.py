@@ -55,16 +55,16 @@ class LoneForward:
         self.max_tokens = max_tokens
 
     @classmethod
-    def trace(cls, model: nn.Module, examples: list[Batch], max_len: int) -> LoneForward | None:
+    def trace(cls, model: nn.Module, examples: list[Batch], max_tokens: int) -> LoneForward | None:
         """Trace ``model`` on each one-sequence example (one per signature a request may bring);
-        None if no graph passed its checks. ``max_len``: the longest prompt the graphs serve (the
+        None if no graph passed its checks. ``max_tokens``: the longest prompt the graphs serve (the
         model's longest, or less where longer prompts run faster eagerly: int8's compiled parts)."""
         graphs = {}
         for example in examples:
-            graph = _trace(model, example, max_len)
+            graph = _trace(model, example, max_tokens)
             if graph is not None:
                 graphs[_signature(example)] = graph
-        return cls(model, graphs, max_len) if graphs else None
+        return cls(model, graphs, max_tokens) if graphs else None
 
     def fits(self, batch: Batch) -> bool:
         return batch.num_seqs == 1 and batch.num_tokens <= self.max_tokens
