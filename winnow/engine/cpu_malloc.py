@@ -9,8 +9,8 @@ to keep the heap's freed memory (``M_TRIM_THRESHOLD``) for the next batch. Measu
 AVX2 EPYC, offline throughput: bert-base-shape classifier 6-9 % higher, cross-encoder 5-6 %,
 MiniLM within noise (its activations stay under 32 MiB); docs/benchmarks.md, seventeenth session.
 The cost: the process's resident memory stays near its peak instead of shrinking between batches.
-With another C library, or jemalloc / tcmalloc preloaded (they replace malloc; vLLM's CPU images
-preload tcmalloc for the same reason), this changes nothing.
+With another C library, or jemalloc / tcmalloc preloaded (they replace malloc), this changes
+nothing.
 """
 
 from __future__ import annotations
