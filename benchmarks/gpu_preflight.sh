@@ -3,7 +3,9 @@
 # the lent GPU machine has (python3 there holds torch 2.11.0+cu130 and transformers 5.17.0; see the
 # device tool's KINDS.md), on this CPU. Version drift shows up here instead of on the GPU: torch
 # 2.11's varlen_attn took no enable_gqa argument, so every flash-attention call there would have
-# failed. Takes ~5 GB (torch's CUDA wheel and its libraries) and ~10 minutes on 2 cores.
+# failed. Takes ~5 GB (torch's CUDA wheel and its libraries) and, measured on a 2-core AVX2 CPU
+# with a fresh venv (2026-11-30), 30.5 minutes: the tests 3 of them, the rest the install and the
+# smoke, whose bfloat16 transformers baselines run at ~1 GFLOP/s on a CPU without bf16 instructions.
 # Run it here, before asking for the device; not on the GPU machine (it installs from PyPI).
 # Usage: benchmarks/gpu_preflight.sh [VENV_DIR]
 set -euo pipefail
