@@ -243,6 +243,8 @@ def test_relative_positions_are_projected_at_load_not_per_forward(variant, deber
     attention = layers[0].attention.self
     span = model.encoder.span
     assert attention.pos_key.shape == attention.pos_query.shape == (4, 8, 2 * span)  # [heads, head_dim, 2 span]
+    # share_att_key=False (v2): the separate position projections served the load only, and are gone.
+    assert not any(hasattr(layer.attention.self, n) for layer in layers for n in ("pos_key_proj", "pos_query_proj"))
     rows: list[int] = []  # the rows each projection multiplies, call by call
     names = ("qkv_proj", "pos_key_proj", "pos_query_proj")
     projections = [getattr(layer.attention.self, name, None) for layer in layers for name in names]

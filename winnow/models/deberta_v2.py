@@ -168,6 +168,11 @@ class DisentangledSelfAttention(nn.Module):
         else:
             self.pos_key = split(self.pos_key_proj(rel)) if self.c2p else None
             self.pos_query = split(self.pos_query_proj(rel)) if self.p2c else None
+            # Their only use was the line above: dropped, so the runner neither packs nor keeps them
+            # (2 x hidden x all_head weights per layer).
+            for name in ("pos_key_proj", "pos_query_proj"):
+                if hasattr(self, name):
+                    delattr(self, name)
 
     def forward(self, x: torch.Tensor, batch: Batch, rel: RelativePositions | None) -> torch.Tensor:
         """[T, hidden] -> [T, all_head]."""
